@@ -1,0 +1,414 @@
+"""The Monitor: feeds each step's statistics through the detectors and the policy.
+
+Adapters build one :class:`Monitor`, call :meth:`Monitor.observe` once per measured optimizer step
+and carry out the :class:`~gradwatch.policy.Decision` it returns. Everything the monitor keeps is
+bounded: ring buffers of ``history`` steps, at most ``max_findings`` findings and ``max_actions``
+actions (counts are kept beyond that), so memory is O(layers x history), never O(steps).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from typing import Any
+
+import numpy as np
+
+from gradwatch.detectors.base import Detector, state_from_dict, state_to_dict
+from gradwatch.findings import Action, Finding, severity_rank
+from gradwatch.plugins import Hooks
+from gradwatch.policy import Controls, Decision, Policy, resolve_policy
+from gradwatch.report import Report
+from gradwatch.stats import Layout, StepStats
+
+STATE_VERSION = 1
+
+
+class Monitor:
+    """Judge a training run step by step.
+
+    Args:
+        policy: ``"auto"`` (default), ``"observe"`` or a :class:`~gradwatch.Policy`.
+        detectors: The detectors to run. Defaults to the built-ins plus those of plugins.
+        history: Steps of per-layer history kept for reports and plots. Defaults to 256.
+        max_findings: Findings kept (older ones are dropped; counts stay). Defaults to 1000.
+        max_actions: Actions kept (older ones are dropped; counts stay). Defaults to 1000.
+        merge_gap: Measured steps within which a repeat of a finding (same kind and layers) is
+            merged into it instead of recorded anew. Defaults to 5.
+        framework: Name of the framework, for the report. Defaults to "".
+        hooks: The plugin hooks. Defaults to the process-wide plugin manager.
+
+    Raises:
+        ValueError: for an unknown policy or non-positive sizes.
+
+    Example:
+        >>> import gradwatch
+        >>> from gradwatch.testing import nan_at
+        >>> monitor = gradwatch.Monitor(policy="auto")
+        >>> skipped = [monitor.observe(s).skip for s in nan_at(step=5, steps=8)]
+        >>> skipped.index(True), monitor.report().healthy
+        (5, False)
+    """
+
+    def __init__(
+        self,
+        *,
+        policy: str | Policy | None = "auto",
+        detectors: list[Detector] | None = None,
+        history: int = 256,
+        max_findings: int = 1000,
+        max_actions: int = 1000,
+        merge_gap: int = 5,
+        framework: str = "",
+        hooks: Hooks | None = None,
+    ) -> None:
+        if history < 1 or max_findings < 1 or max_actions < 1 or merge_gap < 0:
+            raise ValueError(
+                "history, max_findings and max_actions must be >= 1 and merge_gap >= 0. Received "
+                f"history={history}, max_findings={max_findings}, max_actions={max_actions}, merge_gap={merge_gap}."
+            )
+        self.policy = resolve_policy(policy)
+        self.hooks = hooks if hooks is not None else Hooks()
+        config = {"policy": self.policy.name, "history": history, "framework": framework}
+        self.detectors = list(detectors) if detectors is not None else self.hooks.detectors(config)
+        for d in self.detectors:
+            if not isinstance(d, Detector):
+                raise TypeError(
+                    f"Each detector must be a gradwatch.detectors.Detector(kind, init, update); "
+                    f"received {type(d).__name__}: {d!r}."
+                )
+        self.history = history
+        self.max_findings = max_findings
+        self.max_actions = max_actions
+        self.merge_gap = merge_gap
+        self.framework = framework
+        self.layout: Layout | None = None
+        self._policy_state = self.policy.init()
+        self._reset_run()
+
+    # -- state ---------------------------------------------------------------------------------
+
+    def _reset_run(self) -> None:
+        self._detector_states: list[Any] = []
+        self._findings: deque[Finding] = deque(maxlen=self.max_findings)
+        self._open: dict[tuple, tuple[Finding, int]] = {}
+        self._actions: deque[Action] = deque(maxlen=self.max_actions)
+        self._finding_counts: dict[str, dict[str, int]] = {}
+        self._action_counts: dict[str, int] = {}
+        self._measured = 0
+        self._first_step = -1
+        self._last_step = -1
+        self._skipped_by_framework: deque[tuple[int, str]] = deque(maxlen=self.max_actions)
+        self._skipped_count = 0
+        self._hist_steps = np.full(self.history, -1, dtype=np.int64)
+        self._hist_global = np.full(self.history, np.nan)
+        self._hist_loss = np.full(self.history, np.nan)
+        self._hist_lr = np.full(self.history, np.nan)
+        self._hist_layers = np.zeros((self.history, 0))
+        self._hist_index = 0
+        self._layer_index = np.zeros(0, dtype=np.int64)
+        self._layer_names: tuple[str, ...] = ()
+        self._layer_max = np.zeros(0)
+        self._layer_last = np.zeros(0)
+        self._layer_param_last = np.zeros(0)
+        self._layer_dead_last = np.zeros(0)
+        self._layer_nonfinite_steps = np.zeros(0, dtype=np.int64)
+
+    def _set_layout(self, layout: Layout) -> None:
+        self.layout = layout
+        self._detector_states = [d.init(layout) for d in self.detectors]
+        self._layer_names = layout.layer_names()
+        position = {name: i for i, name in enumerate(self._layer_names)}
+        self._layer_index = np.array([position[layer] for layer in layout.layers], dtype=np.int64)
+        n = len(self._layer_names)
+        self._hist_layers = np.full((self.history, n), np.nan)
+        self._layer_max = np.zeros(n)
+        self._layer_last = np.full(n, np.nan)
+        self._layer_param_last = np.full(n, np.nan)
+        self._layer_dead_last = np.full(n, np.nan)
+        self._layer_nonfinite_steps = np.zeros(n, dtype=np.int64)
+
+    @property
+    def controls(self) -> Controls:
+        """The standing orders in force (compiled adapters mirror them in variables)."""
+        return self._policy_state.controls
+
+    @property
+    def steps_measured(self) -> int:
+        return self._measured
+
+    # -- the step ------------------------------------------------------------------------------
+
+    def observe(self, stats: StepStats, *, immediate: bool = True, can_rollback: bool = False) -> Decision:
+        """Judge one measured optimizer step.
+
+        Args:
+            stats: The step's statistics.
+            immediate: The adapter can still act on this step (see
+                :meth:`gradwatch.Policy.decide`). Defaults to True.
+            can_rollback: The adapter holds a snapshot it can restore. Defaults to False.
+
+        Returns:
+            The decision for the adapter to carry out.
+
+        Raises:
+            TypeError: if ``stats`` is not a :class:`StepStats`.
+        """
+        if not isinstance(stats, StepStats):
+            raise TypeError(f"Monitor.observe expects a gradwatch.StepStats; received {type(stats).__name__}.")
+        if stats.layout is not self.layout and stats.layout != self.layout:
+            # First step, or new parameters (a param group added, a model resized): windows restart.
+            self._set_layout(stats.layout)
+        findings: list[Finding] = []
+        states = self._detector_states
+        for i, detector in enumerate(self.detectors):
+            found, states[i] = detector.update(stats, states[i])
+            findings.extend(found)
+        decision, self._policy_state = self.policy.decide(
+            findings, stats, self._policy_state, can_rollback=can_rollback, immediate=immediate
+        )
+        decision = self.hooks.select_actions(findings, stats, decision, self)
+        self._record(stats, findings, decision)
+        self.hooks.on_step(stats, decision, self)
+        return decision
+
+    def note_skipped(self, step: int, reason: str = "grad_scaler") -> None:
+        """Count a step the framework skipped on its own (GradScaler or LossScaleOptimizer found
+        inf/NaN in the scaled gradients). It is not an explosion and fires no detector.
+
+        Args:
+            step: The optimizer step that was skipped.
+            reason: Who skipped it. Defaults to ``"grad_scaler"``.
+        """
+        self._skipped_count += 1
+        self._skipped_by_framework.append((int(step), str(reason)))
+
+    def _record(self, stats: StepStats, findings: list[Finding], decision: Decision) -> None:
+        step = stats.step
+        self._measured += 1
+        if self._first_step < 0:
+            self._first_step = step
+        self._last_step = step
+        for f in findings:
+            counts = self._finding_counts.setdefault(f.kind, {})
+            counts[f.severity] = counts.get(f.severity, 0) + 1
+            key = (f.kind, f.severity)
+            previous = self._open.get(key)
+            if previous is not None and self._measured - previous[1] <= self.merge_gap + 1:
+                merged = previous[0]
+                merged.count += 1
+                merged.last_step = step
+                merged.layers = tuple(dict.fromkeys(merged.layers + f.layers))
+                merged.evidence = f.evidence
+                self._open[key] = (merged, self._measured)
+                continue
+            self._findings.append(f)
+            self._open[key] = (f, self._measured)
+            self.hooks.on_finding(f, self)
+        if len(self._open) > 4 * self.max_findings:
+            horizon = self._measured - self.merge_gap - 1
+            self._open = {k: v for k, v in self._open.items() if v[1] >= horizon}
+        for a in decision.actions:
+            self._actions.append(a)
+            self._action_counts[a.kind] = self._action_counts.get(a.kind, 0) + 1
+            self.hooks.on_action(a, self)
+        self._record_history(stats, decision)
+
+    def _record_history(self, stats: StepStats, decision: Decision) -> None:
+        n = len(self._layer_names)
+        grad = np.where(stats.has_grad, stats.grad_norm, 0.0)
+        with np.errstate(invalid="ignore", over="ignore"):
+            layer_grad = np.sqrt(np.bincount(self._layer_index, weights=grad * grad, minlength=n))
+            param = np.where(np.isnan(stats.param_norm), 0.0, stats.param_norm)
+            layer_param = np.sqrt(np.bincount(self._layer_index, weights=param * param, minlength=n))
+        graded = np.bincount(self._layer_index, weights=stats.has_grad.astype(float), minlength=n) > 0
+        layer_grad = np.where(graded, layer_grad, np.nan)
+        bad = np.bincount(self._layer_index, weights=(stats.nonfinite > 0).astype(float), minlength=n) > 0
+        self._layer_nonfinite_steps += bad
+        self._layer_last = layer_grad
+        if stats.params_measured:
+            self._layer_param_last = layer_param
+        with np.errstate(invalid="ignore"):
+            self._layer_max = np.fmax(self._layer_max, np.where(np.isfinite(layer_grad), layer_grad, np.nan))
+        zf = np.where(np.isnan(stats.zero_fraction), -1.0, stats.zero_fraction)
+        dead = np.full(n, -1.0)
+        np.maximum.at(dead, self._layer_index, zf)
+        self._layer_dead_last = np.where(dead < 0, np.nan, dead)
+        i = self._hist_index
+        self._hist_steps[i] = stats.step
+        self._hist_global[i] = stats.global_norm
+        self._hist_loss[i] = np.nan if stats.loss is None else stats.loss
+        self._hist_lr[i] = decision.lr_factor
+        self._hist_layers[i] = layer_grad
+        self._hist_index = (i + 1) % self.history
+
+    # -- results -------------------------------------------------------------------------------
+
+    @property
+    def healthy(self) -> bool:
+        """No finding of severity warning or error so far."""
+        return not any(
+            severity_rank(sev) >= 1 and n > 0 for counts in self._finding_counts.values() for sev, n in counts.items()
+        )
+
+    def findings(self) -> list[Finding]:
+        return list(self._findings)
+
+    def actions(self) -> list[Action]:
+        return list(self._actions)
+
+    def report(self) -> Report:
+        """A snapshot :class:`~gradwatch.Report` of the run so far."""
+        order = np.argsort(np.where(self._hist_steps >= 0, self._hist_steps, np.iinfo(np.int64).max))
+        keep = order[self._hist_steps[order] >= 0]
+        layers = []
+        for i, name in enumerate(self._layer_names):
+            if self.layout is None:
+                break
+            members = [j for j, layer in enumerate(self.layout.layers) if layer == name]
+            grad_last = float(self._layer_last[i]) if i < len(self._layer_last) else math.nan
+            param_last = float(self._layer_param_last[i]) if i < len(self._layer_param_last) else math.nan
+            layers.append({
+                "layer": name,
+                "tensors": [self.layout.names[j] for j in members],
+                "roles": sorted({self.layout.roles[j] for j in members}),
+                "numel": int(sum(self.layout.numel[j] for j in members)),
+                "grad_norm": grad_last,
+                "grad_norm_max": float(self._layer_max[i]),
+                "param_norm": param_last,
+                "ratio": grad_last / param_last if param_last and math.isfinite(param_last) and param_last > 0 else math.nan,
+                "dead_fraction": float(self._layer_dead_last[i]),
+                "nonfinite_steps": int(self._layer_nonfinite_steps[i]),
+            })
+        return Report(
+            healthy=self.healthy,
+            policy=self.policy.name,
+            framework=self.framework,
+            steps_measured=self._measured,
+            first_step=self._first_step,
+            last_step=self._last_step,
+            findings=[Finding.from_dict(f.to_dict()) for f in self._findings],
+            actions=[Action.from_dict(a.to_dict()) for a in self._actions],
+            finding_counts={k: dict(v) for k, v in self._finding_counts.items()},
+            action_counts=dict(self._action_counts),
+            skipped_steps=self._skipped_count,
+            skipped=[{"step": s, "reason": r} for s, r in self._skipped_by_framework],
+            layers=layers,
+            history={
+                "steps": self._hist_steps[keep].tolist(),
+                "global_norm": self._hist_global[keep].tolist(),
+                "loss": self._hist_loss[keep].tolist(),
+                "lr_factor": self._hist_lr[keep].tolist(),
+                "layer_names": list(self._layer_names),
+                "layer_grad_norm": self._hist_layers[keep].tolist(),
+            },
+        )
+
+    def finish(self) -> Report:
+        """The final report, also handed to every ``gradwatch_on_report`` plugin."""
+        report = self.report()
+        self.hooks.on_report(report)
+        return report
+
+    # -- checkpoints ---------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue the run exactly: plain Python values only (safe for
+        ``torch.save(..., weights_only=True)``, JSON and Keras checkpoints).
+
+        Returns:
+            The state.
+        """
+        positions = {id(f): i for i, f in enumerate(self._findings)}
+        return {
+            "version": STATE_VERSION,
+            "policy": self.policy.name,
+            "layout": None if self.layout is None else self.layout.to_dict(),
+            "detectors": [
+                {"kind": d.kind, "state": state_to_dict(s)} for d, s in zip(self.detectors, self._detector_states)
+            ],
+            "policy_state": state_to_dict(self._policy_state),
+            "findings": [f.to_dict() for f in self._findings],
+            "open": [[list(k), positions.get(id(v[0]), -1), v[1]] for k, v in self._open.items()],
+            "actions": [a.to_dict() for a in self._actions],
+            "finding_counts": {k: dict(v) for k, v in self._finding_counts.items()},
+            "action_counts": dict(self._action_counts),
+            "measured": self._measured,
+            "first_step": self._first_step,
+            "last_step": self._last_step,
+            "skipped": [list(x) for x in self._skipped_by_framework],
+            "skipped_count": self._skipped_count,
+            "history": {
+                "steps": self._hist_steps.tolist(),
+                "global_norm": self._hist_global.tolist(),
+                "loss": self._hist_loss.tolist(),
+                "lr_factor": self._hist_lr.tolist(),
+                "layers": self._hist_layers.tolist(),
+                "index": self._hist_index,
+                "layer_max": self._layer_max.tolist(),
+                "layer_last": self._layer_last.tolist(),
+                "layer_param_last": self._layer_param_last.tolist(),
+                "layer_dead_last": self._layer_dead_last.tolist(),
+                "layer_nonfinite_steps": self._layer_nonfinite_steps.tolist(),
+            },
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` output: the run continues with the same history, the same
+        detector windows and the same remedy state (clip level, LR factor, cool-downs).
+
+        Args:
+            state: What :meth:`state_dict` returned (possibly through JSON or ``torch.save``).
+
+        Raises:
+            ValueError: if the state comes from another version, policy or set of detectors.
+        """
+        if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
+            raise ValueError(
+                f"Not a gradwatch Monitor state of version {STATE_VERSION}: received "
+                f"{type(state).__name__} with version {state.get('version') if isinstance(state, dict) else None!r}."
+            )
+        kinds = [d["kind"] for d in state["detectors"]]
+        if state["layout"] is not None and kinds != [d.kind for d in self.detectors]:
+            raise ValueError(
+                f"The saved monitor ran detectors {kinds}; this one runs {[d.kind for d in self.detectors]}. "
+                "Build the Monitor with the same detectors (and plugins) to resume."
+            )
+        if state["policy"] != self.policy.name:
+            raise ValueError(
+                f"The saved monitor used policy {state['policy']!r}; this one uses {self.policy.name!r}."
+            )
+        self._reset_run()
+        self.layout = None
+        if state["layout"] is not None:
+            self._set_layout(Layout.from_dict(state["layout"]))
+            self._detector_states = [
+                state_from_dict(template, saved["state"])
+                for template, saved in zip(self._detector_states, state["detectors"])
+            ]
+        self._policy_state = state_from_dict(self.policy.init(), state["policy_state"])
+        self._findings.extend(Finding.from_dict(f) for f in state["findings"])
+        findings = list(self._findings)
+        for key, index, measured in state["open"]:
+            if 0 <= index < len(findings):
+                self._open[(key[0], key[1])] = (findings[index], measured)
+        self._actions.extend(Action.from_dict(a) for a in state["actions"])
+        self._finding_counts = {k: dict(v) for k, v in state["finding_counts"].items()}
+        self._action_counts = dict(state["action_counts"])
+        self._measured = state["measured"]
+        self._first_step = state["first_step"]
+        self._last_step = state["last_step"]
+        self._skipped_by_framework.extend((int(s), str(r)) for s, r in state["skipped"])
+        self._skipped_count = state["skipped_count"]
+        h = state["history"]
+        self._hist_steps = np.array(h["steps"], dtype=np.int64)
+        self._hist_global = np.array(h["global_norm"], dtype=float)
+        self._hist_loss = np.array(h["loss"], dtype=float)
+        self._hist_lr = np.array(h["lr_factor"], dtype=float)
+        self._hist_layers = np.array(h["layers"], dtype=float).reshape(self.history, len(self._layer_names))
+        self._hist_index = h["index"]
+        self._layer_max = np.array(h["layer_max"], dtype=float)
+        self._layer_last = np.array(h["layer_last"], dtype=float)
+        self._layer_param_last = np.array(h["layer_param_last"], dtype=float)
+        self._layer_dead_last = np.array(h["layer_dead_last"], dtype=float)
+        self._layer_nonfinite_steps = np.array(h["layer_nonfinite_steps"], dtype=np.int64)

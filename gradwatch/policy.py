@@ -1,0 +1,303 @@
+"""Policies: which findings lead to which actions, with escalation and cool-down.
+
+A policy is a pure pair, like a detector: ``init() -> state`` and
+``decide(findings, stats, state, ...) -> (Decision, state)``. Its state holds the *controls* in
+force (:class:`Controls`): whether non-finite steps are skipped, the global-norm clip level, and
+the learning-rate factor. Adapters whose training step is compiled (Keras under ``tf.function``,
+XLA or ``jax.jit``) keep those controls in framework variables and apply them inside the step;
+adapters that run Python before each optimizer step (PyTorch) apply the :class:`Decision` directly.
+
+Built-in policies:
+
+* :class:`ObservePolicy` (``"observe"``): never touches training, takes no action.
+* :class:`AutoPolicy` (``"auto"``): skip non-finite steps; clip at the run's own norm level when
+  the norm explodes; decay the learning rate when clipping does not stop it or non-finite steps
+  repeat; roll back when the parameters themselves turn non-finite (if the adapter can); recommend
+  BatchNorm where gradients vanish. A healthy run gets no action at all, so it is left bit-for-bit
+  as an unwatched run.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+from gradwatch.findings import Action, Finding
+from gradwatch.stats import StepStats
+
+
+@dataclass(frozen=True)
+class Controls:
+    """The standing orders in force, mirrored in framework variables by compiled adapters.
+
+    Attributes:
+        skip_nonfinite: Skip (do not apply) a step whose gradients are non-finite.
+        clip_norm: Clip the global gradient norm to this value; ``inf`` means no clipping.
+        lr_factor: Multiply the learning rate (as the user's schedule sets it) by this.
+    """
+
+    skip_nonfinite: bool = False
+    clip_norm: float = math.inf
+    lr_factor: float = 1.0
+
+
+@dataclass
+class Decision:
+    """What the adapter must do for one step.
+
+    Attributes:
+        step: The optimizer step.
+        skip: Do not apply this step: parameters and optimizer state stay as they are.
+        clip_norm: Clip this step's gradients to this global norm (None: leave them).
+        lr_factor: The learning-rate factor in force from now on (1.0: the user's own LR).
+        rollback: Restore the last healthy snapshot (the adapter also skips the step).
+        actions: What was done, for the record.
+        controls: The standing orders after this step.
+    """
+
+    step: int
+    skip: bool = False
+    clip_norm: float | None = None
+    lr_factor: float = 1.0
+    rollback: bool = False
+    actions: list[Action] = field(default_factory=list)
+    controls: Controls = field(default_factory=Controls)
+
+
+class PolicyState(NamedTuple):
+    skip_nonfinite: bool
+    clip_norm: float
+    lr_factor: float
+    last_decay_step: int
+    clip_since: int
+    nonfinite_steps: tuple
+    """Steps of the most recent non-finite gradients (at most ``nonfinite_patience``)."""
+    recommended: tuple
+    """Layers already named in a BatchNorm recommendation."""
+
+    @property
+    def controls(self) -> Controls:
+        return Controls(self.skip_nonfinite, self.clip_norm, self.lr_factor)
+
+
+class Policy:
+    """Base class: override :meth:`decide`. ``name`` appears in reports."""
+
+    name = "policy"
+
+    def init(self) -> PolicyState:
+        return PolicyState(False, math.inf, 1.0, -(10**9), -1, (), ())
+
+    def decide(
+        self,
+        findings: Sequence[Finding],
+        stats: StepStats,
+        state: PolicyState,
+        *,
+        can_rollback: bool = False,
+        immediate: bool = True,
+    ) -> tuple[Decision, PolicyState]:
+        """Turn one step's findings into a decision.
+
+        Args:
+            findings: This step's findings from all detectors.
+            stats: This step's statistics.
+            state: The policy state after the previous step.
+            can_rollback: The adapter keeps a snapshot it can restore.
+            immediate: True when the adapter can still act on this very step (PyTorch's pre-hook);
+                False when the step already ran under the previous controls (compiled Keras steps),
+                in which case this step's record follows the old controls and the new ones apply
+                from the next step.
+
+        Returns:
+            The decision and the new state.
+        """
+        raise NotImplementedError
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name}
+
+
+class ObservePolicy(Policy):
+    """Never changes training: no skip, no clip, no LR change, no recommendation action."""
+
+    name = "observe"
+
+    def decide(self, findings, stats, state, *, can_rollback=False, immediate=True):
+        return Decision(step=stats.step, controls=state.controls), state
+
+
+class AutoPolicy(Policy):
+    """Apply the safe remedies, escalating with cool-down.
+
+    Args:
+        skip_step: Skip steps with non-finite gradients. Defaults to True.
+        clip: Clip the global norm when it explodes, at the level the detector suggests from the
+            run's own history. Defaults to True.
+        lr_decay: Decay the LR when clipping does not stop an explosion, or when non-finite steps
+            repeat. Defaults to True.
+        rollback: Restore the last healthy snapshot when parameters turn non-finite, when the
+            adapter keeps one. Defaults to True.
+        recommend_batchnorm: Record a BatchNorm recommendation for vanishing layers. Defaults to True.
+        decay_factor: LR multiplier per decay. Defaults to 0.5.
+        min_lr_factor: Never decay below this share of the user's LR. Defaults to 1e-3.
+        cooldown: Steps between two LR decays. Defaults to 10.
+        nonfinite_patience: Non-finite steps within ``nonfinite_window`` steps that trigger a
+            decay. Defaults to 3.
+        nonfinite_window: Defaults to 50.
+
+    Raises:
+        ValueError: for a factor outside (0, 1) or a negative count.
+    """
+
+    name = "auto"
+
+    def __init__(
+        self,
+        *,
+        skip_step: bool = True,
+        clip: bool = True,
+        lr_decay: bool = True,
+        rollback: bool = True,
+        recommend_batchnorm: bool = True,
+        decay_factor: float = 0.5,
+        min_lr_factor: float = 1e-3,
+        cooldown: int = 10,
+        nonfinite_patience: int = 3,
+        nonfinite_window: int = 50,
+    ) -> None:
+        if not 0.0 < decay_factor < 1.0:
+            raise ValueError(f"AutoPolicy does not support a decay_factor outside (0, 1). Received decay_factor={decay_factor}.")
+        if not 0.0 < min_lr_factor <= 1.0:
+            raise ValueError(f"min_lr_factor must be in (0, 1]. Received min_lr_factor={min_lr_factor}.")
+        if cooldown < 0 or nonfinite_patience < 1 or nonfinite_window < 1:
+            raise ValueError(
+                "cooldown must be >= 0 and nonfinite_patience, nonfinite_window >= 1. Received "
+                f"cooldown={cooldown}, nonfinite_patience={nonfinite_patience}, nonfinite_window={nonfinite_window}."
+            )
+        self.skip_step = skip_step
+        self.clip = clip
+        self.lr_decay = lr_decay
+        self.rollback = rollback
+        self.recommend_batchnorm = recommend_batchnorm
+        self.decay_factor = decay_factor
+        self.min_lr_factor = min_lr_factor
+        self.cooldown = cooldown
+        self.nonfinite_patience = nonfinite_patience
+        self.nonfinite_window = nonfinite_window
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, **{k: v for k, v in vars(self).items() if not k.startswith("_")}}
+
+    def init(self) -> PolicyState:
+        return PolicyState(self.skip_step, math.inf, 1.0, -(10**9), -1, (), ())
+
+    def decide(self, findings, stats, state, *, can_rollback=False, immediate=True):
+        step = stats.step
+        before = state.controls
+        by_kind: dict[str, list[Finding]] = {}
+        for f in findings:
+            by_kind.setdefault(f.kind, []).append(f)
+        actions: list[Action] = []
+        rollback = False
+        s = state
+
+        def decay(reason: str, why: str) -> None:
+            nonlocal s
+            if not self.lr_decay or step - s.last_decay_step < self.cooldown:
+                return
+            new = max(s.lr_factor * self.decay_factor, self.min_lr_factor)
+            if new >= s.lr_factor:
+                return
+            actions.append(Action(
+                "lr_decay", step, reason, {"lr_factor": s.lr_factor}, {"lr_factor": new},
+                {"factor": new / s.lr_factor},
+                f"learning rate x{new / s.lr_factor:g} (now x{new:g} of the schedule): {why}",
+            ))
+            s = s._replace(lr_factor=new, last_decay_step=step)
+
+        if "nonfinite" in by_kind:
+            recent = tuple(t for t in s.nonfinite_steps if step - t < self.nonfinite_window) + (step,)
+            s = s._replace(nonfinite_steps=recent[-self.nonfinite_patience:])
+            params_bad = any(f.evidence.get("params_nonfinite") for f in by_kind["nonfinite"])
+            if params_bad and self.rollback and can_rollback:
+                rollback = True
+                actions.append(Action(
+                    "rollback", step, "nonfinite", {"params_finite": False}, {"params_finite": True},
+                    {}, "parameters were non-finite: restored the last healthy snapshot",
+                ))
+                decay("nonfinite", "parameters turned non-finite")
+            elif len(recent) >= self.nonfinite_patience:
+                decay("nonfinite", f"{len(recent)} non-finite steps within {self.nonfinite_window} steps")
+
+        exploding = by_kind.get("exploding", [])
+        if exploding and self.clip and stats.finite:
+            level = min(float(f.evidence.get("clip_threshold", math.inf)) for f in exploding)
+            growing = any(f.severity == "error" for f in exploding)
+            if math.isfinite(level) and level > 0:
+                if math.isfinite(s.clip_norm) and step - s.clip_since >= self.cooldown:
+                    decay("exploding", "the norm still explodes with clipping in force")
+                elif growing:
+                    decay("exploding", "the gradient norm is growing without bound")
+                if not math.isfinite(s.clip_norm):
+                    s = s._replace(clip_since=step)
+                # Never raise the level while the norm explodes: the detector's baseline drifts up
+                # during an explosion (it absorbs clipped values), the healthy level does not.
+                s = s._replace(clip_norm=min(s.clip_norm, level))
+        elif exploding and not self.clip:
+            decay("exploding", "the gradient norm explodes")
+
+        if self.recommend_batchnorm:
+            for f in by_kind.get("vanishing", []):
+                insert_after = tuple(f.evidence.get("insert_after", f.layers))
+                if insert_after and not set(insert_after) <= set(s.recommended):
+                    actions.append(Action(
+                        "recommend_batchnorm", step, "vanishing", {}, {},
+                        {"insert_after": list(insert_after), "layers": list(f.layers)},
+                        "insert BatchNorm/LayerNorm after " + ", ".join(insert_after)
+                        + " (before the activation); nothing in the model was changed",
+                    ))
+                    s = s._replace(recommended=tuple(dict.fromkeys(s.recommended + insert_after)))
+
+        applied = s.controls if immediate else before
+        skip = rollback or (not stats.finite and applied.skip_nonfinite)
+        clip_norm = None
+        norm = stats.global_norm
+        if not skip and stats.finite and norm > applied.clip_norm:
+            clip_norm = applied.clip_norm
+            actions.insert(0, Action(
+                "clip", step, "exploding", {"global_norm": norm}, {"global_norm": clip_norm},
+                {"max_norm": clip_norm}, f"clipped the global norm {norm:.3g} to {clip_norm:.3g}",
+            ))
+        if skip and not rollback:
+            actions.insert(0, Action(
+                "skip_step", step, "nonfinite", {"global_norm": norm}, {"applied": False}, {},
+                "skipped the step: parameters and optimizer state unchanged",
+            ))
+        decision = Decision(
+            step=step, skip=skip, clip_norm=clip_norm, lr_factor=s.lr_factor, rollback=rollback,
+            actions=actions, controls=s.controls,
+        )
+        return decision, s
+
+
+def resolve_policy(policy: str | Policy | None) -> Policy:
+    """Turn ``"auto"``, ``"observe"``, None (auto) or a :class:`Policy` into a policy.
+
+    Raises:
+        ValueError: for an unknown name or another type.
+    """
+    if policy is None or policy == "auto":
+        return AutoPolicy()
+    if policy == "observe":
+        return ObservePolicy()
+    if isinstance(policy, Policy):
+        return policy
+    raise ValueError(
+        f"policy must be 'auto', 'observe' or a gradwatch.Policy instance. Received policy={policy!r}."
+    )
+
+
+__all__ = ["AutoPolicy", "Controls", "Decision", "ObservePolicy", "Policy", "PolicyState", "resolve_policy"]

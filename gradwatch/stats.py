@@ -1,0 +1,260 @@
+"""One optimizer step as a handful of small numpy arrays.
+
+An adapter reduces the framework's gradients on the device to a few numbers per parameter tensor,
+moves them to the host in one transfer, and wraps them in a :class:`StepStats`. Everything the core
+judges is in here: nothing in ``gradwatch`` ever touches a framework tensor.
+
+The per-tensor layout (names, layers, roles, sizes) rarely changes between steps, so it lives in a
+separate, hashable :class:`Layout` that detectors size their state from.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+ROLES = ("weight", "bias", "embedding", "norm", "other")
+"""The roles a parameter tensor can play. Detectors treat them differently: embedding rows that were
+not looked up are not dead units, and normalisation scales are not compared across depth."""
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The parameter tensors a step reports on, in forward (input-to-output) order.
+
+    Args:
+        names: One name per parameter tensor, as the framework names it (``"encoder.0.weight"``).
+        layers: The layer each tensor belongs to (``"encoder.0"``). Several tensors may share one.
+        roles: One of :data:`ROLES` per tensor.
+        numel: Number of elements per tensor.
+
+    Raises:
+        ValueError: if the sequences differ in length or a role is not in :data:`ROLES`.
+    """
+
+    names: tuple[str, ...]
+    layers: tuple[str, ...]
+    roles: tuple[str, ...]
+    numel: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        n = len(self.names)
+        for label, seq in (("layers", self.layers), ("roles", self.roles), ("numel", self.numel)):
+            if len(seq) != n:
+                raise ValueError(
+                    f"Layout needs one entry per parameter tensor: {n} names but {len(seq)} {label}."
+                )
+        bad = sorted({r for r in self.roles if r not in ROLES})
+        if bad:
+            raise ValueError(f"Unknown parameter role(s) {bad}; expected one of {ROLES}.")
+
+    @classmethod
+    def from_names(
+        cls,
+        names: Sequence[str],
+        numel: Sequence[int] | None = None,
+        roles: Sequence[str] | None = None,
+        layers: Sequence[str] | None = None,
+    ) -> Layout:
+        """Build a layout from parameter names, guessing layers and roles from the names.
+
+        ``"encoder.0.weight"`` belongs to layer ``"encoder.0"`` with role ``"weight"``; Keras-style
+        paths (``"dense_1/kernel"``) work the same way. Adapters that know better pass ``roles`` and
+        ``layers`` explicitly.
+
+        Args:
+            names: Parameter names.
+            numel: Elements per tensor. Defaults to 1 each.
+            roles: Roles. Defaults to a guess from the last path component.
+            layers: Layer names. Defaults to the name without its last path component.
+
+        Returns:
+            The layout.
+        """
+        names = tuple(str(n) for n in names)
+        layers_t = tuple(layers) if layers is not None else tuple(layer_of(n) for n in names)
+        roles_t = tuple(roles) if roles is not None else tuple(guess_role(n) for n in names)
+        numel_t = tuple(int(x) for x in numel) if numel is not None else (1,) * len(names)
+        return cls(names, layers_t, roles_t, numel_t)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def layer_names(self) -> tuple[str, ...]:
+        """Distinct layer names in forward order."""
+        return tuple(dict.fromkeys(self.layers))
+
+    def to_dict(self) -> dict[str, list]:
+        return {
+            "names": list(self.names),
+            "layers": list(self.layers),
+            "roles": list(self.roles),
+            "numel": list(self.numel),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Layout:
+        return cls(tuple(d["names"]), tuple(d["layers"]), tuple(d["roles"]), tuple(d["numel"]))
+
+
+def layer_of(name: str) -> str:
+    """The layer part of a parameter name: everything before its last ``.`` or ``/``."""
+    cut = max(name.rfind("."), name.rfind("/"))
+    return name[:cut] if cut > 0 else name
+
+
+def guess_role(name: str) -> str:
+    """Guess a tensor's role from its name (``bias``, ``embeddings``, ``gamma`` ...)."""
+    lowered = name.lower()
+    leaf = lowered.rsplit("/", 1)[-1].rsplit(".", 1)[-1].split(":")[0]
+    if "embed" in lowered:
+        return "embedding"
+    if leaf in ("bias", "b", "beta") and not any(k in lowered for k in ("norm", "bn", "ln")):
+        return "bias"
+    if any(k in lowered for k in ("norm", "bn", "ln_", "layer_norm")) or leaf in ("gamma", "beta", "scale"):
+        return "norm"
+    if leaf in ("weight", "kernel", "w", "depthwise_kernel", "pointwise_kernel", "recurrent_kernel"):
+        return "weight"
+    if leaf.startswith("weight_") or leaf.endswith("_kernel"):
+        return "weight"
+    return "other"
+
+
+def _vector(value: object, n: int, dtype: type, fill: float, label: str) -> np.ndarray:
+    if value is None:
+        return np.full(n, fill, dtype=dtype)
+    arr = np.asarray(value, dtype=dtype).reshape(-1)
+    if arr.shape != (n,):
+        raise ValueError(f"StepStats.{label} needs one value per parameter tensor ({n}); got shape {arr.shape}.")
+    return arr
+
+
+@dataclass
+class StepStats:
+    """What gradwatch knows about one optimizer step.
+
+    Arrays hold one entry per tensor of ``layout``, in the same order.
+
+    Args:
+        step: The optimizer step (0-based), counted by the adapter.
+        layout: Names, layers, roles and sizes of the tensors.
+        grad_norm: L2 norm of each gradient, on the scale the optimizer sees (unscaled under AMP).
+            Non-finite when the gradient holds a NaN or Inf.
+        param_norm: L2 norm of each parameter before the update. Defaults to NaN (unknown).
+        nonfinite: Count of non-finite gradient values per tensor. Adapters may give only a 0/1 flag
+            read off ``grad_norm`` (cheap); defaults to ``~isfinite(grad_norm)``.
+        zero_fraction: Fraction of units (output rows or channels) whose gradient is exactly zero.
+            NaN where not measured. Defaults to NaN.
+        has_grad: False for tensors with no gradient this step (frozen or unused: None in PyTorch,
+            missing in Keras). Their other entries are ignored. Defaults to all True.
+        update_norm: L2 norm of the update applied to each tensor, when the adapter knows it.
+            Defaults to NaN (unknown).
+        loss: The training loss of the step; None when the adapter does not know it (a NaN loss is
+            a NaN, not "unknown"). Defaults to None.
+        lr: The learning rate in force, when known. Defaults to None.
+
+    Raises:
+        ValueError: if an array does not have one entry per tensor.
+
+    Example:
+        >>> from gradwatch import Layout, StepStats
+        >>> layout = Layout.from_names(["fc1.weight", "fc1.bias"], numel=[12, 3])
+        >>> s = StepStats(step=0, layout=layout, grad_norm=[0.5, 0.1], param_norm=[1.0, 0.2])
+        >>> round(s.global_norm, 4)
+        0.5099
+    """
+
+    step: int
+    layout: Layout
+    grad_norm: np.ndarray
+    param_norm: np.ndarray = field(default=None)  # type: ignore[assignment]
+    nonfinite: np.ndarray = field(default=None)  # type: ignore[assignment]
+    zero_fraction: np.ndarray = field(default=None)  # type: ignore[assignment]
+    has_grad: np.ndarray = field(default=None)  # type: ignore[assignment]
+    update_norm: np.ndarray = field(default=None)  # type: ignore[assignment]
+    loss: float | None = None
+    lr: float | None = None
+
+    def __post_init__(self) -> None:
+        n = len(self.layout)
+        self.step = int(self.step)
+        self.grad_norm = _vector(self.grad_norm, n, np.float64, np.nan, "grad_norm")
+        self.params_measured = self.param_norm is not None
+        self.param_norm = _vector(self.param_norm, n, np.float64, np.nan, "param_norm")
+        self.zero_fraction = _vector(self.zero_fraction, n, np.float64, np.nan, "zero_fraction")
+        self.update_norm = _vector(self.update_norm, n, np.float64, np.nan, "update_norm")
+        if self.has_grad is None:
+            self.has_grad = np.ones(n, dtype=bool)
+        else:
+            self.has_grad = _vector(self.has_grad, n, bool, True, "has_grad")
+        if self.nonfinite is None:
+            self.nonfinite = (~np.isfinite(self.grad_norm)).astype(np.int64)
+        else:
+            self.nonfinite = _vector(self.nonfinite, n, np.int64, 0, "nonfinite")
+        self.nonfinite = np.where(self.has_grad, self.nonfinite, 0)
+        self.loss = float(self.loss) if self.loss is not None else None
+        self.lr = float(self.lr) if self.lr is not None else None
+
+    @property
+    def finite(self) -> bool:
+        """True when every gradient that exists is finite."""
+        return not bool(np.any(self.nonfinite[self.has_grad] > 0)) and bool(
+            np.all(np.isfinite(self.grad_norm[self.has_grad]))
+        )
+
+    @property
+    def params_nonfinite(self) -> np.ndarray:
+        """True per tensor whose parameters hold a NaN/Inf (always False when not measured)."""
+        if not self.params_measured:
+            return np.zeros(len(self.layout), dtype=bool)
+        return ~np.isfinite(self.param_norm)
+
+    @property
+    def global_norm(self) -> float:
+        """L2 norm of all gradients together (what ``clip_grad_norm_`` clips); inf/NaN if any is."""
+        g = self.grad_norm[self.has_grad]
+        return float(np.sqrt(np.sum(np.square(g)))) if g.size else 0.0
+
+    def layer_grad_norms(self, roles: Sequence[str] | None = None) -> dict[str, float]:
+        """L2 norm of each layer's gradients (its tensors of the given roles), in forward order."""
+        return _per_layer(self, self.grad_norm, roles)
+
+    def layer_param_norms(self, roles: Sequence[str] | None = None) -> dict[str, float]:
+        """L2 norm of each layer's parameters (its tensors of the given roles), in forward order."""
+        return _per_layer(self, self.param_norm, roles)
+
+    def to_dict(self) -> dict:
+        """A JSON-friendly dict (NaN becomes None)."""
+
+        def clean(a: np.ndarray) -> list:
+            return [None if isinstance(x, float) and not np.isfinite(x) else x for x in a.tolist()]
+
+        return {
+            "step": self.step,
+            "layout": self.layout.to_dict(),
+            "grad_norm": clean(self.grad_norm),
+            "param_norm": clean(self.param_norm),
+            "nonfinite": self.nonfinite.tolist(),
+            "zero_fraction": clean(self.zero_fraction),
+            "has_grad": self.has_grad.tolist(),
+            "update_norm": clean(self.update_norm),
+            "loss": _finite_or_text(self.loss),
+            "lr": _finite_or_text(self.lr),
+        }
+
+
+def _finite_or_text(x: float | None) -> float | str | None:
+    if x is None or np.isfinite(x):
+        return x
+    return "nan" if np.isnan(x) else ("inf" if x > 0 else "-inf")
+
+
+def _per_layer(stats: StepStats, values: np.ndarray, roles: Sequence[str] | None) -> dict[str, float]:
+    sums: dict[str, float] = {}
+    for layer, role, v, has in zip(stats.layout.layers, stats.layout.roles, values, stats.has_grad):
+        if not has or (roles is not None and role not in roles):
+            continue
+        sums[layer] = sums.get(layer, 0.0) + float(v) ** 2
+    return {k: float(np.sqrt(v)) for k, v in sums.items()}
