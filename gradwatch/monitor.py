@@ -118,8 +118,7 @@ class Monitor:
         self.layout = layout
         self._detector_states = [d.init(layout) for d in self.detectors]
         self._layer_names = layout.layer_names()
-        position = {name: i for i, name in enumerate(self._layer_names)}
-        self._layer_index = np.array([position[layer] for layer in layout.layers], dtype=np.int64)
+        self._layer_index = layout.layer_ids
         n = len(self._layer_names)
         self._hist_layers = np.full((self.history, n), np.nan)
         self._layer_max = np.zeros(n)

@@ -125,7 +125,10 @@ class ObservePolicy(Policy):
 
     name = "observe"
 
-    def decide(self, findings, stats, state, *, can_rollback=False, immediate=True):
+    def decide(
+        self, findings: Sequence[Finding], stats: StepStats, state: PolicyState, *,
+        can_rollback: bool = False, immediate: bool = True,
+    ) -> tuple[Decision, PolicyState]:
         return Decision(step=stats.step, controls=state.controls), state
 
 
@@ -194,7 +197,10 @@ class AutoPolicy(Policy):
     def init(self) -> PolicyState:
         return PolicyState(self.skip_step, math.inf, 1.0, -(10**9), -1, (), ())
 
-    def decide(self, findings, stats, state, *, can_rollback=False, immediate=True):
+    def decide(
+        self, findings: Sequence[Finding], stats: StepStats, state: PolicyState, *,
+        can_rollback: bool = False, immediate: bool = True,
+    ) -> tuple[Decision, PolicyState]:
         step = stats.step
         before = state.controls
         by_kind: dict[str, list[Finding]] = {}

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 
@@ -84,7 +85,45 @@ class Layout:
 
     def layer_names(self) -> tuple[str, ...]:
         """Distinct layer names in forward order."""
+        return self._layer_names
+
+    @cached_property
+    def _layer_names(self) -> tuple[str, ...]:
         return tuple(dict.fromkeys(self.layers))
+
+    @cached_property
+    def layer_ids(self) -> np.ndarray:
+        """Per tensor, the index of its layer in :meth:`layer_names`."""
+        position = {name: i for i, name in enumerate(self._layer_names)}
+        return np.array([position[layer] for layer in self.layers], dtype=np.int64)
+
+    def role_mask(self, roles: Sequence[str]) -> np.ndarray:
+        """Per tensor, True when its role is one of ``roles`` (cached; do not modify)."""
+        key = ("mask", tuple(roles))
+        if key not in self._cache:
+            self._cache[key] = np.array([r in key[1] for r in self.roles], dtype=bool)
+        return self._cache[key]
+
+    @cached_property
+    def _cache(self) -> dict:
+        return {}
+
+    def layers_with(self, roles: Sequence[str]) -> np.ndarray:
+        """Indices (into :meth:`layer_names`) of the layers owning a tensor of one of ``roles``."""
+        key = ("layers", tuple(roles))
+        if key not in self._cache:
+            self._cache[key] = np.unique(self.layer_ids[self.role_mask(roles)])
+        return self._cache[key]
+
+    def per_layer_rss(self, values: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """Root-sum-square of ``values`` per layer over the tensors where ``mask`` is True; NaN for
+        layers with no such tensor. Indexed like :meth:`layer_names`."""
+        n = len(self._layer_names)
+        ids = self.layer_ids[mask]
+        v = values[mask]
+        total = np.bincount(ids, weights=v * v, minlength=n)
+        present = np.bincount(ids, minlength=n) > 0
+        return np.where(present, np.sqrt(total), np.nan)
 
     def to_dict(self) -> dict[str, list]:
         return {
@@ -125,7 +164,7 @@ def guess_role(name: str) -> str:
 def _vector(value: object, n: int, dtype: type, fill: float, label: str) -> np.ndarray:
     if value is None:
         return np.full(n, fill, dtype=dtype)
-    arr = np.asarray(value, dtype=dtype).reshape(-1)
+    arr: np.ndarray = np.asarray(value, dtype=dtype).reshape(-1)
     if arr.shape != (n,):
         raise ValueError(f"StepStats.{label} needs one value per parameter tensor ({n}); got shape {arr.shape}.")
     return arr
@@ -169,11 +208,11 @@ class StepStats:
     step: int
     layout: Layout
     grad_norm: np.ndarray
-    param_norm: np.ndarray = field(default=None)  # type: ignore[assignment]
-    nonfinite: np.ndarray = field(default=None)  # type: ignore[assignment]
-    zero_fraction: np.ndarray = field(default=None)  # type: ignore[assignment]
-    has_grad: np.ndarray = field(default=None)  # type: ignore[assignment]
-    update_norm: np.ndarray = field(default=None)  # type: ignore[assignment]
+    param_norm: np.ndarray = field(default=None)  # type: ignore[arg-type]
+    nonfinite: np.ndarray = field(default=None)  # type: ignore[arg-type]
+    zero_fraction: np.ndarray = field(default=None)  # type: ignore[arg-type]
+    has_grad: np.ndarray = field(default=None)  # type: ignore[arg-type]
+    update_norm: np.ndarray = field(default=None)  # type: ignore[arg-type]
     loss: float | None = None
     lr: float | None = None
 
@@ -197,7 +236,7 @@ class StepStats:
         self.loss = float(self.loss) if self.loss is not None else None
         self.lr = float(self.lr) if self.lr is not None else None
 
-    @property
+    @cached_property
     def finite(self) -> bool:
         """True when every gradient that exists is finite."""
         return not bool(np.any(self.nonfinite[self.has_grad] > 0)) and bool(
@@ -211,7 +250,7 @@ class StepStats:
             return np.zeros(len(self.layout), dtype=bool)
         return ~np.isfinite(self.param_norm)
 
-    @property
+    @cached_property
     def global_norm(self) -> float:
         """L2 norm of all gradients together (what ``clip_grad_norm_`` clips); inf/NaN if any is."""
         g = self.grad_norm[self.has_grad]
@@ -252,9 +291,7 @@ def _finite_or_text(x: float | None) -> float | str | None:
 
 
 def _per_layer(stats: StepStats, values: np.ndarray, roles: Sequence[str] | None) -> dict[str, float]:
-    sums: dict[str, float] = {}
-    for layer, role, v, has in zip(stats.layout.layers, stats.layout.roles, values, stats.has_grad):
-        if not has or (roles is not None and role not in roles):
-            continue
-        sums[layer] = sums.get(layer, 0.0) + float(v) ** 2
-    return {k: float(np.sqrt(v)) for k, v in sums.items()}
+    layout = stats.layout
+    mask = stats.has_grad if roles is None else stats.has_grad & layout.role_mask(roles)
+    rss = layout.per_layer_rss(values, mask)
+    return {name: float(rss[i]) for i, name in enumerate(layout.layer_names()) if not np.isnan(rss[i])}

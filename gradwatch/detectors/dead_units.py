@@ -32,7 +32,7 @@ class DeadUnitsState(NamedTuple):
     layers: tuple
     fractions: np.ndarray
     """Ring buffer (window x layers) of the layer's dead fraction; NaN where not measured."""
-    index: int
+    cursor: int
     filled: int
 
 
@@ -70,26 +70,25 @@ def dead_units(*, threshold: float = 0.5, window: int = 10, error_threshold: flo
         raise ValueError(f"dead_units needs window >= 1. Received window={window}.")
 
     def init(layout: Layout) -> DeadUnitsState:
-        layers = tuple(dict.fromkeys(
-            layer for layer, role in zip(layout.layers, layout.roles) if role in JUDGED_ROLES
-        ))
+        names = layout.layer_names()
+        layers = tuple(names[i] for i in layout.layers_with(JUDGED_ROLES))
         return DeadUnitsState(layers, np.full((window, len(layers)), np.nan), 0, 0)
 
     def update(stats: StepStats, state: DeadUnitsState) -> tuple[list[Finding], DeadUnitsState]:
         if not state.layers:
             return [], state
-        position = {layer: i for i, layer in enumerate(state.layers)}
-        row = np.full(len(state.layers), np.nan)
-        for layer, role, frac, has in zip(stats.layout.layers, stats.layout.roles, stats.zero_fraction, stats.has_grad):
-            if has and role in JUDGED_ROLES and np.isfinite(frac):
-                i = position[layer]
-                row[i] = frac if np.isnan(row[i]) else max(row[i], frac)
-        fractions, index = push(state.fractions, state.index, row)
+        layout = stats.layout
+        judged = stats.has_grad & layout.role_mask(JUDGED_ROLES) & np.isfinite(stats.zero_fraction)
+        per_layer = np.full(len(layout.layer_names()), -1.0)
+        np.maximum.at(per_layer, layout.layer_ids[judged], stats.zero_fraction[judged])
+        row = per_layer[layout.layers_with(JUDGED_ROLES)]
+        row = np.where(row < 0, np.nan, row)
+        fractions, cursor = push(state.fractions, state.cursor, row)
         filled = min(state.filled + 1, window)
-        new_state = DeadUnitsState(state.layers, fractions, index, filled)
+        new_state = DeadUnitsState(state.layers, fractions, cursor, filled)
         if filled < window:
             return [], new_state
-        history = ordered(fractions, index, filled)
+        history = ordered(fractions, cursor, filled)
         lowest = np.where(np.isnan(history).any(0), np.nan, history.min(0))
         with np.errstate(invalid="ignore"):
             hit = lowest >= threshold

@@ -37,13 +37,13 @@ from gradwatch.stats import Layout, StepStats
 
 
 class ExplodingState(NamedTuple):
-    count: int
+    seen: int
     """Finite steps seen."""
     log_mean: float
     log_var: float
     recent: np.ndarray
     """Ring buffer of the last ``window`` log global norms."""
-    index: int
+    cursor: int
     tensor_log_mean: np.ndarray
     """Per-tensor EMA of the log grad norm (to name the layers that explode)."""
 
@@ -100,11 +100,11 @@ def exploding(
 
     def init(layout: Layout) -> ExplodingState:
         return ExplodingState(
-            count=0,
+            seen=0,
             log_mean=0.0,
             log_var=0.0,
             recent=np.zeros(window),
-            index=0,
+            cursor=0,
             tensor_log_mean=np.full(len(layout), np.nan),
         )
 
@@ -115,16 +115,16 @@ def exploding(
         log_norm = math.log(norm)
         findings: list[Finding] = []
         std = math.sqrt(max(state.log_var, 0.0))
-        warm = state.count >= warmup
+        warm = state.seen >= warmup
         threshold = max(z_threshold * std, math.log(min_ratio))
         spike = warm and log_norm - state.log_mean > threshold
-        clip_level = math.exp(state.log_mean + clip_z * std) if state.count else norm
+        clip_level = math.exp(state.log_mean + clip_z * std) if state.seen else norm
 
         with np.errstate(divide="ignore", invalid="ignore"):
             tensor_log = np.where(stats.has_grad & (stats.grad_norm > 0), np.log(stats.grad_norm), np.nan)
-        recent, index = push(state.recent, state.index, log_norm)
-        filled = min(state.count + 1, window)
-        history = ordered(recent, index, filled)
+        recent, cursor = push(state.recent, state.cursor, log_norm)
+        filled = min(state.seen + 1, window)
+        history = ordered(recent, cursor, filled)
 
         if spike:
             ratio = norm / math.exp(state.log_mean)
@@ -192,9 +192,9 @@ def exploding(
                 ))
 
         # EMA update; on a spike feed the clipped value (ZClip) so a new regime is absorbed slowly.
-        rate = max(alpha, 1.0 / (state.count + 1))
+        rate = max(alpha, 1.0 / (state.seen + 1))
         observed = min(log_norm, state.log_mean + threshold) if spike else log_norm
-        log_mean, log_var = ema(state.log_mean, state.log_var, observed, rate) if state.count else (observed, 0.0)
+        log_mean, log_var = ema(state.log_mean, state.log_var, observed, rate) if state.seen else (observed, 0.0)
         tensor_mean = np.where(
             np.isnan(state.tensor_log_mean), tensor_log,
             np.where(np.isnan(tensor_log), state.tensor_log_mean,
@@ -202,11 +202,11 @@ def exploding(
                                                      - state.tensor_log_mean)),
         )
         return findings, ExplodingState(
-            count=state.count + 1,
+            seen=state.seen + 1,
             log_mean=float(log_mean),
             log_var=float(log_var),
             recent=recent,
-            index=index,
+            cursor=cursor,
             tensor_log_mean=tensor_mean,
         )
 

@@ -22,7 +22,7 @@ from gradwatch.stats import Layout, StepStats
 
 
 class LossSpikeState(NamedTuple):
-    count: int
+    seen: int
     mean: float
     var: float
 
@@ -71,7 +71,7 @@ def loss_spike(
             return [], state
         std = math.sqrt(max(state.var, 0.0))
         margin = max(z_threshold * std, min_relative * abs(state.mean))
-        spike = state.count >= warmup and loss - state.mean > margin
+        spike = state.seen >= warmup and loss - state.mean > margin
         findings = []
         if spike:
             findings.append(Finding(
@@ -86,12 +86,12 @@ def loss_spike(
                 ),
                 evidence={"loss": loss, "ema_loss": state.mean, "ema_std": std},
             ))
-        rate = max(alpha, 1.0 / (state.count + 1))
+        rate = max(alpha, 1.0 / (state.seen + 1))
         observed = min(loss, state.mean + margin) if spike else loss
-        if state.count == 0:
+        if state.seen == 0:
             mean, var = observed, 0.0
         else:
             mean, var = ema(state.mean, state.var, observed, rate)
-        return findings, LossSpikeState(state.count + 1, float(mean), float(var))
+        return findings, LossSpikeState(state.seen + 1, float(mean), float(var))
 
     return Detector("loss_spike", init, update)

@@ -35,13 +35,14 @@ class VanishingState(NamedTuple):
     """Weight layers judged, forward order."""
     deficits: np.ndarray
     """Ring buffer (window x layers) of log10(r / reference); NaN where not measured."""
-    index: int
+    cursor: int
     filled: int
 
 
 def weight_layers(layout: Layout) -> tuple[str, ...]:
     """Layers that own at least one weight tensor, forward order."""
-    return tuple(dict.fromkeys(layer for layer, role in zip(layout.layers, layout.roles) if role == "weight"))
+    names = layout.layer_names()
+    return tuple(names[i] for i in layout.layers_with(("weight",)))
 
 
 def vanishing(
@@ -86,19 +87,20 @@ def vanishing(
 
     def init(layout: Layout) -> VanishingState:
         layers = weight_layers(layout)
-        return VanishingState(layers=layers, deficits=np.full((window, len(layers)), np.nan), index=0, filled=0)
+        return VanishingState(layers=layers, deficits=np.full((window, len(layers)), np.nan), cursor=0, filled=0)
 
     def update(stats: StepStats, state: VanishingState) -> tuple[list[Finding], VanishingState]:
         n = len(state.layers)
         if n < min_layers or not stats.finite:
             return [], state
-        grads = stats.layer_grad_norms(("weight",))
-        params = stats.layer_param_norms(("weight",))
-        log_r = np.full(n, np.nan)
-        for i, layer in enumerate(state.layers):
-            g, p = grads.get(layer), params.get(layer)
-            if g is not None and p is not None and p > 0 and math.isfinite(p):
-                log_r[i] = math.log10(g / p) if g > 0 else -np.inf
+        layout = stats.layout
+        ids = layout.layers_with(("weight",))
+        mask = stats.has_grad & layout.role_mask(("weight",))
+        grads = layout.per_layer_rss(stats.grad_norm, mask)[ids]
+        params = layout.per_layer_rss(stats.param_norm, mask)[ids]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            log_r = np.log10(grads / params)
+        log_r = np.where((params > 0) & np.isfinite(params) & ~np.isnan(grads), log_r, np.nan)
         half = n // 2
         # The output layer is left out of the reference: a zero-initialised head skews it.
         reference_slice = log_r[half:n - 1] if n - 1 > half else log_r[half:]
@@ -108,12 +110,12 @@ def vanishing(
         else:
             reference = float(np.median(reference_slice))
             row = log_r - reference
-        deficits, index = push(state.deficits, state.index, row)
+        deficits, cursor = push(state.deficits, state.cursor, row)
         filled = min(state.filled + 1, window)
-        new_state = VanishingState(state.layers, deficits, index, filled)
+        new_state = VanishingState(state.layers, deficits, cursor, filled)
         if filled < window:
             return [], new_state
-        history = ordered(deficits, index, filled)
+        history = ordered(deficits, cursor, filled)
         with np.errstate(invalid="ignore"):
             below = history < log_threshold
         measured = ~np.isnan(history)
