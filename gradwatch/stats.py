@@ -10,6 +10,7 @@ separate, hashable :class:`Layout` that detectors size their state from.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -148,7 +149,8 @@ def guess_role(name: str) -> str:
     """Guess a tensor's role from its name (``bias``, ``embeddings``, ``gamma`` ...)."""
     lowered = name.lower()
     leaf = lowered.rsplit("/", 1)[-1].rsplit(".", 1)[-1].split(":")[0]
-    if "embed" in lowered:
+    tokens = [t for t in re.split(r"[./:_]", lowered) if t]
+    if any(t.startswith("emb") for t in tokens) or any(t in ("wte", "wpe") for t in tokens):
         return "embedding"
     if leaf in ("bias", "b", "beta") and not any(k in lowered for k in ("norm", "bn", "ln")):
         return "bias"

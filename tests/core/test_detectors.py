@@ -1,0 +1,144 @@
+"""Each detector fires on its pathology within a documented number of steps and stays silent on
+every healthy stream, including the traps of DESIGN.md point 6."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from gradwatch import detectors, testing
+from gradwatch.detectors import default_detectors, state_from_dict, state_to_dict
+
+
+def run(detector, stream):
+    stream = list(stream)
+    state = detector.init(stream[0].layout)
+    found = []
+    for stats in stream:
+        new, state = detector.update(stats, state)
+        found.extend(new)
+    return found, state
+
+
+HEALTHY = ["healthy", "converging", "warmup", "frozen_layers", "sparse_embedding", "noisy_small_batch", "zero_init_head"]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("stream_name", HEALTHY)
+@pytest.mark.parametrize("detector", default_detectors(), ids=lambda d: d.kind)
+def test_silent_on_healthy_streams(detector, stream_name, seed):
+    found, _ = run(detector, testing.STREAMS[stream_name](seed=seed))
+    assert not found, [str(f) for f in found]
+
+
+def test_nonfinite_names_origin_and_finite_layers():
+    found, _ = run(detectors.nonfinite(), testing.nan_at(step=50, steps=60, layers=5, origin=2))
+    assert len(found) == 1
+    f = found[0]
+    assert (f.kind, f.severity, f.step) == ("nonfinite", "error", 50)
+    assert f.evidence["origin"] == "fc2"
+    assert f.evidence["nonfinite_layers"] == ["fc0", "fc1", "fc2"]
+    assert f.evidence["finite_layers"] == ["fc3", "fc4"]
+    assert f.evidence["loss_finite"] is True
+    assert "starts at 'fc2'" in f.message and "loss is finite" in f.message
+
+
+def test_nonfinite_everywhere_points_at_the_loss():
+    found, _ = run(detectors.nonfinite(), testing.nan_at(step=3, steps=5, layers=4, origin=3, loss_finite=False))
+    assert "starts at the loss or the output layer" in found[0].message
+    assert "loss itself is non-finite" in found[0].message
+
+
+def test_nonfinite_loss_with_finite_gradients():
+    layout = testing.make_layout(2)
+    from gradwatch import StepStats
+
+    s = StepStats(step=0, layout=layout, grad_norm=np.ones(4), loss=float("inf"))
+    found, _ = detectors.nonfinite().update(s, detectors.nonfinite().init(layout))
+    assert found and found[0].evidence["loss_finite"] is False
+
+
+@pytest.mark.parametrize("onset", [0, 60, 300])
+def test_exploding_found_within_ten_steps_of_onset(onset):
+    found, _ = run(detectors.exploding(), testing.exploding_stream(onset=onset, steps=onset + 30))
+    assert found, "explosion not detected"
+    assert onset <= found[0].step <= onset + 10
+    assert any(f.severity == "error" and f.evidence["rule"] == "growth" for f in found)
+    assert all(f.evidence["clip_threshold"] > 0 for f in found)
+
+
+def test_exploding_lr_jump_is_a_spike_with_a_clip_level_from_history():
+    found, _ = run(detectors.exploding(), testing.lr_jump_stream(jump_at=300, steps=305))
+    first = found[0]
+    assert first.step == 300 and first.evidence["rule"] == "spike"
+    # the suggested level is the run's healthy level, far below the spike
+    assert first.evidence["clip_threshold"] < first.evidence["global_norm"] / 5
+
+
+def test_exploding_update_ratio_rule():
+    from gradwatch import StepStats
+
+    layout = testing.make_layout(2)
+    det = detectors.exploding()
+    state = det.init(layout)
+    s = StepStats(step=0, layout=layout, grad_norm=np.ones(4), param_norm=np.ones(4),
+                  update_norm=[5.0, 0.0, 0.1, 0.0])
+    found, _ = det.update(s, state)
+    assert [f.evidence["rule"] for f in found] == ["update_ratio"]
+    assert found[0].layers == ("fc0",)
+
+
+def test_vanishing_found_and_names_early_layers():
+    found, _ = run(detectors.vanishing(), testing.vanishing_stream(steps=30, layers=8, decay=0.2))
+    assert found and found[0].step <= 10
+    assert found[0].layers[0] == "fc0"
+    assert "fc0" in found[0].evidence["insert_after"]
+    assert "BatchNorm" in found[0].message
+
+
+def test_vanishing_needs_enough_layers():
+    found, _ = run(detectors.vanishing(min_layers=3), testing.vanishing_stream(steps=30, layers=2, decay=1e-4))
+    assert not found
+
+
+def test_dead_units_found_after_window():
+    found, _ = run(detectors.dead_units(), testing.dying_units_stream(onset=20, steps=40, layer=1))
+    assert found[0].step == 29  # onset + window - 1
+    assert found[0].layers == ("fc1",)
+    assert found[0].severity == "warning"
+    found, _ = run(detectors.dead_units(), testing.dying_units_stream(onset=0, steps=15, fraction=0.97))
+    assert found[0].severity == "error"
+
+
+def test_loss_spike_found_once():
+    found, _ = run(detectors.loss_spike(), testing.healthy(steps=60, loss_spike_at=40))
+    assert [f.step for f in found] == [40]
+
+
+@pytest.mark.parametrize(
+    ("factory", "kwargs", "message"),
+    [
+        (detectors.exploding, {"alpha": 1.5}, "0 < alpha < 1.0"),
+        (detectors.exploding, {"min_ratio": 0.5}, "min_ratio must be >= 1.0"),
+        (detectors.vanishing, {"ratio_threshold": 2.0}, "0 < ratio_threshold < 1.0"),
+        (detectors.dead_units, {"window": 0}, "window >= 1"),
+        (detectors.loss_spike, {"z_threshold": -1}, "z_threshold > 0"),
+    ],
+)
+def test_bad_arguments_state_the_rule_and_value(factory, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        factory(**kwargs)
+
+
+@pytest.mark.parametrize("detector", default_detectors(), ids=lambda d: d.kind)
+def test_detector_state_round_trips(detector):
+    stream = list(testing.exploding_stream(onset=30, steps=50))
+    state = detector.init(stream[0].layout)
+    for s in stream[:35]:
+        _, state = detector.update(s, state)
+    restored = state_from_dict(detector.init(stream[0].layout), state_to_dict(state))
+    for s in stream[35:]:
+        a, state = detector.update(s, state)
+        b, restored = detector.update(s, restored)
+        assert [f.to_dict() for f in a] == [f.to_dict() for f in b]
+    assert repr(state_to_dict(state)) == repr(state_to_dict(restored))

@@ -1,0 +1,140 @@
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from gradwatch import AutoPolicy, Finding, Monitor, ObservePolicy, StepStats, testing
+from gradwatch.policy import resolve_policy
+
+
+def stats(step, norm=1.0, finite=True, layout=None, params_finite=True):
+    layout = layout or testing.make_layout(2)
+    grad = np.full(len(layout), norm / math.sqrt(len(layout)))
+    if not finite:
+        grad[0] = np.nan
+    params = np.ones(len(layout))
+    if not params_finite:
+        params[0] = np.inf
+    return StepStats(step=step, layout=layout, grad_norm=grad, param_norm=params)
+
+
+def exploding(step, level=2.0, severity="warning"):
+    return Finding("exploding", severity, step, ("fc0",), "boom", {"clip_threshold": level, "rule": "spike"})
+
+
+def nonfinite(step, params_bad=False):
+    return Finding("nonfinite", "error", step, ("fc0",), "nan", {"params_nonfinite": ["fc0"] if params_bad else []})
+
+
+def test_resolve_policy():
+    assert isinstance(resolve_policy(None), AutoPolicy)
+    assert isinstance(resolve_policy("observe"), ObservePolicy)
+    with pytest.raises(ValueError, match="policy must be 'auto', 'observe' or a gradwatch.Policy instance. Received policy='agressive'"):
+        resolve_policy("agressive")
+
+
+def test_auto_rejects_bad_factor():
+    with pytest.raises(ValueError, match="decay_factor outside \\(0, 1\\). Received decay_factor=1.5"):
+        AutoPolicy(decay_factor=1.5)
+
+
+def test_auto_takes_no_action_without_findings():
+    p = AutoPolicy()
+    state = p.init()
+    for t in range(50):
+        d, state = p.decide([], stats(t, norm=1e6), state)
+        assert not d.actions and not d.skip and d.clip_norm is None and d.lr_factor == 1.0
+
+
+def test_auto_skips_nonfinite_steps():
+    p = AutoPolicy()
+    d, _ = p.decide([nonfinite(0)], stats(0, finite=False), p.init())
+    assert d.skip and [a.kind for a in d.actions] == ["skip_step"]
+    assert d.actions[0].reason == "nonfinite"
+
+
+def test_auto_clips_then_decays_when_clipping_does_not_help():
+    p = AutoPolicy(cooldown=5)
+    state = p.init()
+    d, state = p.decide([exploding(0, level=2.0)], stats(0, norm=50.0), state)
+    assert d.clip_norm == 2.0 and [a.kind for a in d.actions] == ["clip"]
+    assert d.actions[0].before == {"global_norm": pytest.approx(50.0)} and d.actions[0].after == {"global_norm": 2.0}
+    # Healthy step below the level: clipping stays in force but changes nothing.
+    d, state = p.decide([], stats(1, norm=1.0), state)
+    assert d.clip_norm is None and not d.actions and state.clip_norm == 2.0
+    # Still exploding within the cool-down: clip only.
+    d, state = p.decide([exploding(3, level=3.0)], stats(3, norm=40.0), state)
+    assert [a.kind for a in d.actions] == ["clip"] and d.clip_norm == 2.0  # the level never rises
+    # After the cool-down: decay the LR.
+    d, state = p.decide([exploding(6, level=2.0)], stats(6, norm=40.0), state)
+    assert sorted(a.kind for a in d.actions) == ["clip", "lr_decay"]
+    assert d.lr_factor == 0.5
+    decay = next(a for a in d.actions if a.kind == "lr_decay")
+    assert decay.before == {"lr_factor": 1.0} and decay.after == {"lr_factor": 0.5}
+    # Another decay only after another cool-down.
+    d, state = p.decide([exploding(7)], stats(7, norm=40.0), state)
+    assert d.lr_factor == 0.5
+
+
+def test_auto_decays_at_once_on_unbounded_growth_and_respects_floor():
+    p = AutoPolicy(cooldown=0, min_lr_factor=0.2)
+    state = p.init()
+    factors = []
+    for t in range(5):
+        d, state = p.decide([exploding(t, severity="error")], stats(t, norm=100.0), state)
+        factors.append(d.lr_factor)
+    assert factors == [0.5, 0.25, 0.2, 0.2, 0.2]
+
+
+def test_auto_decays_when_nonfinite_steps_repeat():
+    p = AutoPolicy(nonfinite_patience=3, nonfinite_window=50)
+    state = p.init()
+    kinds = []
+    for t in (0, 10, 20):
+        d, state = p.decide([nonfinite(t)], stats(t, finite=False), state)
+        kinds.append(sorted(a.kind for a in d.actions))
+    assert kinds == [["skip_step"], ["skip_step"], ["lr_decay", "skip_step"]]
+
+
+def test_auto_rolls_back_only_when_the_adapter_can():
+    p = AutoPolicy()
+    d, _ = p.decide([nonfinite(0, params_bad=True)], stats(0, finite=False, params_finite=False), p.init())
+    assert not d.rollback and d.skip
+    d, _ = p.decide([nonfinite(0, params_bad=True)], stats(0, finite=False, params_finite=False), p.init(), can_rollback=True)
+    assert d.rollback and d.skip
+    assert sorted(a.kind for a in d.actions) == ["lr_decay", "rollback"]
+
+
+def test_auto_recommends_batchnorm_once():
+    p = AutoPolicy()
+    state = p.init()
+    f = Finding("vanishing", "warning", 9, ("fc0", "fc1"), "vanish", {"insert_after": ["fc0", "fc1", "fc2"]})
+    d, state = p.decide([f], stats(9), state)
+    assert [a.kind for a in d.actions] == ["recommend_batchnorm"]
+    assert d.actions[0].params["insert_after"] == ["fc0", "fc1", "fc2"]
+    d, state = p.decide([f], stats(10), state)
+    assert not d.actions
+
+
+def test_deferred_decisions_follow_the_controls_in_force():
+    """Compiled adapters (immediate=False) ran this step under the previous controls."""
+    p = AutoPolicy()
+    state = p.init()
+    d, state = p.decide([exploding(0, level=2.0)], stats(0, norm=50.0), state, immediate=False)
+    assert d.clip_norm is None and not d.actions  # the step already ran unclipped
+    assert d.controls.clip_norm == 2.0
+    d, state = p.decide([], stats(1, norm=10.0), state, immediate=False)
+    assert d.clip_norm == 2.0 and [a.kind for a in d.actions] == ["clip"]
+
+
+def test_observe_never_acts():
+    monitor = Monitor(policy="observe")
+    for s in testing.exploding_stream(onset=20, steps=60):
+        d = monitor.observe(s)
+        assert not d.actions and not d.skip and d.clip_norm is None and d.lr_factor == 1.0
+    for s in testing.nan_at(step=5, steps=10):
+        assert not monitor.observe(s).skip
+    assert not monitor.report().actions and not monitor.report().healthy
+    assert monitor.controls.skip_nonfinite is False and math.isinf(monitor.controls.clip_norm)
