@@ -1,0 +1,456 @@
+"""PyTorch adapter: ``gradwatch.watch(model, optimizer)``.
+
+::
+
+    import gradwatch
+    watch = gradwatch.watch(model, optimizer)          # policy="auto"
+    for x, y in loader:
+        optimizer.zero_grad()
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        watch.record_loss(loss)                        # optional, no host sync
+        optimizer.step()
+    print(watch.report().summary())
+    watch.remove()                                     # or: with gradwatch.watch(...) as watch:
+
+Where it measures: in an optimizer step pre-hook (``Optimizer.register_step_pre_hook``), once per
+optimizer step: after ``backward()`` (DDP has averaged), after ``GradScaler.unscale_`` (which
+``GradScaler.step`` calls before ``optimizer.step()``; fused optimizers that keep the gradients
+scaled get their norms divided by the scale), before any clipping. Steps that GradScaler skips
+(inf/NaN in the scaled gradients) fire no hook; with ``scaler=`` they are counted and reported,
+not called explosions. The remedies act in the same pre-hook, before the optimizer reads the
+gradients.
+
+Building blocks for other integrations (Lightning, Hugging Face), stable signatures:
+
+* :func:`build_layout` ``(model, optimizers=None, *, names=None) -> TorchParams``: the measured
+  parameters (``.params``) and their :class:`gradwatch.Layout` (``.layout``), built once.
+* :func:`measure` ``(tp, step, *, loss=None, lr=None, grad_scale=None, param_norms=True) -> StepStats``:
+  the gradients as they are now, reduced on the device, one host transfer.
+* :func:`apply_decision` ``(decision, params, *, grad_scale=None, snapshot=None) -> None``:
+  rollback / skip (gradients set to None) / clip (exactly ``clip_grad_norm_``).
+* :class:`LRScale`: ``apply(optimizer, factor)`` before ``optimizer.step()``, ``restore(optimizer)``
+  after it; keeps the user's LR schedule and applies the factor on top.
+* :class:`Snapshot` ``(params, optimizers)``: ``take(step)`` / ``restore()`` for rollbacks.
+* :func:`clip_grads`, :func:`drop_grads`.
+
+Raises:
+    gradwatch.MissingExtraError: on import, when PyTorch is not installed.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable
+from typing import Any
+
+from gradwatch.errors import GradwatchWarning, require
+
+torch = require("torch", "torch")
+
+from gradwatch.monitor import Monitor  # noqa: E402
+from gradwatch.policy import Decision, Policy  # noqa: E402
+from gradwatch.report import Report  # noqa: E402
+
+from ._torch_layout import (  # noqa: E402
+    LayerNames,
+    TorchParams,
+    build_layout,
+    optimizer_params,
+    param_role,
+)
+from ._torch_measure import measure, measure_tensors  # noqa: E402
+from ._torch_remedies import (  # noqa: E402
+    LRScale,
+    Snapshot,
+    apply_decision,
+    clip_grads,
+    drop_grads,
+)
+
+
+class Watch:
+    """The handle :func:`watch` returns. See :func:`watch` for the arguments.
+
+    Attributes:
+        monitor: The :class:`gradwatch.Monitor` judging the run.
+        params: The measured parameters and their layout (:class:`TorchParams`).
+        step: Optimizer steps seen so far (including steps GradScaler skipped).
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module | None,
+        optimizer: torch.optim.Optimizer | Iterable[torch.optim.Optimizer],
+        *,
+        policy: str | Policy = "auto",
+        scaler: Any = None,
+        every: int = 1,
+        strict: bool = False,
+        names: LayerNames = None,
+        rollback_every: int | None = None,
+        param_norms: bool = True,
+        monitor: Monitor | None = None,
+    ) -> None:
+        if isinstance(optimizer, torch.optim.Optimizer):
+            optimizers = [optimizer]
+        else:
+            optimizers = list(optimizer) if optimizer is not None else []
+        if not optimizers or not all(isinstance(o, torch.optim.Optimizer) for o in optimizers):
+            raise TypeError(
+                "gradwatch.watch(model, optimizer) needs a torch.optim.Optimizer or a list of them. "
+                f"Received optimizer={optimizer!r}."
+            )
+        if model is not None and not isinstance(model, torch.nn.Module):
+            raise TypeError(f"gradwatch.watch needs a torch.nn.Module as model. Received {type(model).__name__}.")
+        if not isinstance(every, int) or every < 1:
+            raise ValueError(f"every must be an int >= 1 (measure every N optimizer steps). Received every={every!r}.")
+        if rollback_every is not None and (not isinstance(rollback_every, int) or rollback_every < 1):
+            raise ValueError(
+                "rollback_every must be None (no snapshots) or an int >= 1 (healthy steps between "
+                f"snapshots). Received rollback_every={rollback_every!r}."
+            )
+        if scaler is not None and not hasattr(scaler, "_per_optimizer_states"):
+            raise TypeError(f"scaler must be a torch.amp.GradScaler. Received {type(scaler).__name__}.")
+        self.model = model
+        self.optimizers = optimizers
+        self.monitor = monitor if monitor is not None else Monitor(policy=policy, framework="torch")
+        self.every = every
+        self.strict = strict
+        self.names = names
+        self.rollback_every = rollback_every
+        self.param_norms = param_norms
+        self.scaler = scaler
+        self.params: TorchParams = build_layout(model, optimizers, names=names)
+        self.step = 0
+        self._lr = LRScale()
+        self._snapshot: Snapshot | None = None
+        self._healthy_since_snapshot = 0
+        self._loss: Any = None
+        self._loss_count = 0
+        self._round: set[int] = set()
+        self._fired_since_update: set[int] = set()
+        self._active = True
+        self._removed = False
+        self._failed: BaseException | None = None
+        self._handles: list[Any] = []
+        for k, opt in enumerate(optimizers):
+            self._handles.append(opt.register_step_pre_hook(self._make_pre_hook(k)))
+            self._handles.append(opt.register_step_post_hook(self._make_post_hook(k)))
+        self._scaler_update: Any = None
+        if scaler is not None:
+            original = scaler.update
+
+            def update(new_scale: Any = None) -> None:
+                self._guard(self._before_scaler_update)
+                return original(new_scale)
+
+            scaler.update = update
+            self._scaler_update = update
+
+    # -- public ---------------------------------------------------------------------------------
+
+    def record_loss(self, loss: Any) -> None:
+        """Record the loss of the coming optimizer step (enables ``loss_spike``). No host sync:
+        a tensor is kept on the device and read in the step's single transfer. Called several times
+        before one step (gradient accumulation), the mean is recorded. Call it before
+        ``optimizer.step()``.
+
+        Args:
+            loss: A scalar tensor or a number.
+        """
+        if not self._active:
+            return
+        try:
+            value = loss.detach().float().reshape(-1)[0] if isinstance(loss, torch.Tensor) else float(loss)
+            self._loss = value if self._loss is None else self._loss + value
+            self._loss_count += 1
+        except Exception as exc:  # never break training
+            self._fail(exc)
+
+    def report(self) -> Report:
+        """The run's :class:`gradwatch.Report` so far."""
+        return self.monitor.report()
+
+    @property
+    def healthy(self) -> bool:
+        return self.monitor.healthy
+
+    @property
+    def lr_factor(self) -> float:
+        """The learning-rate factor in force over the user's schedule (1.0: untouched)."""
+        return float(self.monitor.controls.lr_factor)
+
+    def remove(self) -> None:
+        """Remove the hooks, put the LR schedule back as the user set it and free the snapshot.
+        The first call also hands the final report to the ``gradwatch_on_report`` plugins. Safe to
+        call twice."""
+        if self._removed:
+            return
+        self._removed = True
+        self._active = False
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        for opt in self.optimizers:
+            self._lr.restore(opt)
+        if self.scaler is not None and self.scaler.__dict__.get("update") is self._scaler_update:
+            del self.scaler.__dict__["update"]
+        if self._snapshot is not None:
+            self._snapshot.clear()
+            self._snapshot = None
+        self._loss = None
+        try:
+            self.monitor.finish()
+        except Exception as exc:
+            if self.strict:
+                raise
+            warnings.warn(GradwatchWarning(f"gradwatch could not finish its report: {exc!r}"), stacklevel=2)
+
+    def __enter__(self) -> Watch:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.remove()
+
+    def state_dict(self) -> dict[str, Any]:
+        """The watch's state for a checkpoint: the monitor (history, findings, remedy state) and
+        the step count. Plain Python values. The rollback snapshot is not included.
+
+        Returns:
+            The state.
+        """
+        return {"monitor": self.monitor.state_dict(), "step": self.step, "every": self.every,
+                "healthy_since_snapshot": self._healthy_since_snapshot}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue a run from :meth:`state_dict`: same history, same remedy state (clip level,
+        LR factor), same step count.
+
+        Args:
+            state: What :meth:`state_dict` returned.
+
+        Raises:
+            ValueError: if ``state`` is not a watch state.
+        """
+        if not isinstance(state, dict) or "monitor" not in state or "step" not in state:
+            raise ValueError(
+                "Watch.load_state_dict expects what Watch.state_dict() returned (a dict with "
+                f"'monitor' and 'step'). Received {type(state).__name__}"
+                + (f" with keys {sorted(state)}." if isinstance(state, dict) else ".")
+            )
+        self.monitor.load_state_dict(state["monitor"])
+        self.step = int(state["step"])
+        self._healthy_since_snapshot = int(state.get("healthy_since_snapshot", 0))
+        if self.monitor.layout is not None and self.monitor.layout == self.params.layout:
+            self.params.layout = self.monitor.layout  # the same object: no comparison per step
+
+    # -- hooks ----------------------------------------------------------------------------------
+
+    def _make_pre_hook(self, k: int) -> Any:
+        def pre_hook(optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+            if self._active:
+                self._guard(self._pre_step, k, optimizer)
+
+        return pre_hook
+
+    def _make_post_hook(self, k: int) -> Any:
+        def post_hook(optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+            if self._lr.active:
+                self._guard(self._lr.restore, optimizer)
+
+        return post_hook
+
+    def _guard(self, fn: Any, *args: Any) -> Any:
+        try:
+            return fn(*args)
+        except Exception as exc:
+            self._fail(exc)
+            return None
+
+    def _fail(self, exc: BaseException) -> None:
+        if self.strict:
+            raise exc
+        if self._failed is None:
+            self._failed = exc
+            warnings.warn(
+                GradwatchWarning(
+                    f"gradwatch hit an internal error and stopped monitoring; training goes on "
+                    f"unchanged: {type(exc).__name__}: {exc}. Pass strict=True to raise instead."
+                ),
+                stacklevel=3,
+            )
+        self._active = False
+        self._loss = None
+
+    def _pre_step(self, k: int, optimizer: torch.optim.Optimizer) -> None:
+        self._fired_since_update.add(k)
+        if k in self._round or not self._round:
+            self._round = set()
+            self._begin_step(optimizer)
+        self._round.add(k)
+        if self._active:
+            self._lr.apply(optimizer, self.monitor.controls.lr_factor)
+
+    def _begin_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Start of one optimizer step (the first optimizer of a round): measure, decide, act."""
+        step = self.step
+        self.step += 1
+        loss, count = self._loss, self._loss_count
+        self._loss, self._loss_count = None, 0
+        grad_scale = getattr(optimizer, "grad_scale", None)  # fused optimizer under GradScaler
+        found_inf = getattr(optimizer, "found_inf", None)
+        if found_inf is not None and float(found_inf) > 0:
+            # The fused kernel will skip this step on its own: a scaler skip, not an explosion.
+            self.monitor.note_skipped(step, "grad_scaler")
+            return
+        if self.params.stale(self.optimizers):
+            rebuilt = build_layout(self.model, self.optimizers, names=self.names)
+            if rebuilt.layout == self.params.layout:
+                rebuilt.layout = self.params.layout
+            self.params = rebuilt
+            if self._snapshot is not None:
+                self._snapshot = None
+        params = self.params.params
+        controls = self.monitor.controls
+        if step % self.every != 0:
+            # Unmeasured: only the standing clip applies (on the device, no sync). A non-finite
+            # step here cannot be seen, so it cannot be skipped: see docs/torch.md, "every".
+            if controls.clip_norm != float("inf"):
+                clip_grads(params, controls.clip_norm, grad_scale=grad_scale, guard_nonfinite=True)
+            return
+        if count > 1 and loss is not None:
+            loss = loss / count
+        stats = measure(
+            self.params, step, loss=loss, lr=self._lr.effective_lr(self.optimizers[0], controls.lr_factor),
+            grad_scale=grad_scale, param_norms=self.param_norms,
+        )
+        can_rollback = self._snapshot is not None and self._snapshot.taken
+        decision: Decision = self.monitor.observe(stats, immediate=True, can_rollback=can_rollback)
+        apply_decision(decision, params, grad_scale=grad_scale, snapshot=self._snapshot)
+        if self.rollback_every is not None:
+            self._maybe_snapshot(step, stats, decision)
+
+    def _maybe_snapshot(self, step: int, stats: Any, decision: Decision) -> None:
+        healthy = (
+            stats.finite
+            and not bool(stats.params_nonfinite.any())
+            and not decision.skip
+            and not decision.rollback
+            and decision.clip_norm is None
+        )
+        if not healthy:
+            return
+        self._healthy_since_snapshot += 1
+        assert self.rollback_every is not None
+        if self._snapshot is None:
+            self._snapshot = Snapshot(self.params.params, self.optimizers)
+        if not self._snapshot.taken or self._healthy_since_snapshot >= self.rollback_every:
+            self._snapshot.take(step)
+            self._healthy_since_snapshot = 0
+
+    def _before_scaler_update(self) -> None:
+        """GradScaler.update: an optimizer that the scaler stepped but whose pre-hook did not fire
+        had its step skipped (inf/NaN in the scaled gradients)."""
+        if not self._active:
+            return
+        fired = self._fired_since_update
+        self._fired_since_update = set()
+        states = self.scaler._per_optimizer_states
+        stepped = False
+        for opt in self.optimizers:
+            state = states.get(id(opt)) if hasattr(states, "get") else None
+            if state and getattr(state.get("stage"), "name", "") == "STEPPED":
+                stepped = True
+        if stepped and not fired:
+            self.monitor.note_skipped(self.step, "grad_scaler")
+            self.step += 1
+            self._round = set()
+            self._loss, self._loss_count = None, 0
+
+
+def watch(
+    model: torch.nn.Module | None,
+    optimizer: torch.optim.Optimizer | Iterable[torch.optim.Optimizer],
+    *,
+    policy: str | Policy = "auto",
+    scaler: Any = None,
+    every: int = 1,
+    strict: bool = False,
+    names: LayerNames = None,
+    rollback_every: int | None = None,
+    param_norms: bool = True,
+    monitor: Monitor | None = None,
+) -> Watch:
+    """Watch the gradients of ``model`` as ``optimizer`` trains it, and apply remedies.
+
+    Args:
+        model: The model (names layers by their ``named_modules`` path). May be None: parameters
+            are then named ``optimizer0.param3``.
+        optimizer: The optimizer, or a list of optimizers that step together after the same
+            ``backward()`` (a GAN's generator and discriminator step after different backward
+            passes: watch each pair separately).
+        policy: ``"auto"`` (skip non-finite steps, clip and decay the LR on explosions, recommend
+            BatchNorm where gradients vanish), ``"observe"`` (never touch training) or a
+            :class:`gradwatch.Policy`. Defaults to ``"auto"``.
+        scaler: The ``torch.amp.GradScaler`` in use, so that the steps it skips are counted.
+            Defaults to None.
+        every: Measure every N optimizer steps. On the other steps only the standing controls
+            that need no measurement apply (LR factor, clip level); a non-finite gradient there is
+            not seen and not skipped. Defaults to 1.
+        strict: Raise gradwatch's own internal errors instead of warning once and stopping.
+            Defaults to False.
+        names: How layers are named: None (the module path), a mapping from module path to a name,
+            or a function of the module path. Defaults to None.
+        rollback_every: Keep a copy of the parameters and optimizer state, refreshed every N
+            healthy measured steps, and restore it when the parameters turn non-finite. Costs one
+            copy of the parameters and of the optimizer state. Defaults to None (no rollback).
+        param_norms: Measure parameter norms (for the vanishing detector and non-finite
+            parameters). Defaults to True.
+        monitor: A :class:`gradwatch.Monitor` to use instead of a new one (custom detectors).
+            Defaults to None.
+
+    Returns:
+        The :class:`Watch` handle: ``record_loss``, ``report``, ``remove``, ``state_dict``,
+        ``load_state_dict``, ``monitor``; also a context manager.
+
+    Raises:
+        TypeError: for an optimizer, model or scaler of the wrong type.
+        ValueError: for ``every`` or ``rollback_every`` below 1, or a model without parameters.
+
+    Example:
+        >>> import torch, gradwatch
+        >>> model = torch.nn.Linear(4, 1)
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> with gradwatch.watch(model, opt) as w:
+        ...     for _ in range(3):
+        ...         opt.zero_grad()
+        ...         loss = model(torch.ones(8, 4)).pow(2).mean()
+        ...         loss.backward()
+        ...         w.record_loss(loss)
+        ...         opt.step()
+        >>> w.report().healthy, w.report().steps_measured
+        (True, 3)
+    """
+    return Watch(
+        model, optimizer, policy=policy, scaler=scaler, every=every, strict=strict, names=names,
+        rollback_every=rollback_every, param_norms=param_norms, monitor=monitor,
+    )
+
+
+__all__ = [
+    "LRScale",
+    "LayerNames",
+    "Snapshot",
+    "TorchParams",
+    "Watch",
+    "apply_decision",
+    "build_layout",
+    "clip_grads",
+    "drop_grads",
+    "measure",
+    "measure_tensors",
+    "optimizer_params",
+    "param_role",
+    "watch",
+]
