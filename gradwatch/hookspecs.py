@@ -109,9 +109,12 @@ def gradwatch_on_action(action: Action, monitor: Monitor) -> None:
 
 
 @hookspec
-def gradwatch_on_report(report: Report) -> None:
+def gradwatch_on_report(report: Report, monitor: Monitor | None) -> None:
     """A final report was produced (``Monitor.finish()``, end of ``fit``, end of a check).
 
     Args:
         report: The report.
+        monitor: The monitor that produced it, or None when the report does not come from one
+            monitor (a report rebuilt from JSON, a ``gradwatch check`` summary). Implementations
+            may leave this argument out.
     """

@@ -306,7 +306,7 @@ class Monitor:
     def finish(self) -> Report:
         """The final report, also handed to every ``gradwatch_on_report`` plugin."""
         report = self.report()
-        self.hooks.on_report(report)
+        self.hooks.on_report(report, self)
         return report
 
     # -- checkpoints ---------------------------------------------------------------------------

@@ -108,5 +108,5 @@ class Hooks:
     def on_action(self, action: Action, monitor: Monitor) -> None:
         self._hook.gradwatch_on_action(action=action, monitor=monitor)
 
-    def on_report(self, report: Report) -> None:
-        self._hook.gradwatch_on_report(report=report)
+    def on_report(self, report: Report, monitor: Monitor | None = None) -> None:
+        self._hook.gradwatch_on_report(report=report, monitor=monitor)
