@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from gradwatch.check import CheckSpec
 from gradwatch.detectors import Detector
 from gradwatch.errors import BadTargetError, GradwatchError, GradwatchWarning, MissingExtraError
 from gradwatch.findings import ACTION_KINDS, FINDING_KINDS, SEVERITIES, Action, Finding
@@ -34,6 +35,7 @@ __all__ = [
     "Action",
     "AutoPolicy",
     "BadTargetError",
+    "CheckSpec",
     "Controls",
     "Decision",
     "Detector",

@@ -2,13 +2,17 @@
 
 A :class:`Report` is plain data. It renders as text (:meth:`Report.summary`), a dict
 (:meth:`Report.to_dict`, with ``schema_version``) and JSON (:meth:`Report.to_json`), and is
-rebuilt from either (:meth:`Report.from_dict`, :meth:`Report.from_json`).
+rebuilt from either (:meth:`Report.from_dict`, :meth:`Report.from_json`). JUnit XML
+(:meth:`Report.to_junit`), HTML (:meth:`Report.to_html`) and figures (:meth:`Report.plot`) are
+rendered by ``gradwatch.report_junit``, ``report_html`` and ``report_figures``; matplotlib is
+imported only when a figure is drawn.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -210,3 +214,27 @@ class Report:
 
     def __str__(self) -> str:
         return self.summary()
+
+    # -- renderings (gradwatch.report_junit, gradwatch.report_html, gradwatch.report_figures) ------
+
+    def to_junit(self, *, name: str = "gradwatch", fail_on: str = "warning", time: float = 0.0) -> str:
+        """JUnit XML with one test case per finding kind; see :func:`gradwatch.report_junit.to_junit`."""
+        from gradwatch.report_junit import to_junit
+
+        return to_junit(self, name=name, fail_on=fail_on, time=time)
+
+    def to_html(self, *, title: str = "", fail_on: str = "warning") -> str:
+        """One self-contained HTML page with the figures embedded; needs ``gradwatch[report]``.
+        See :func:`gradwatch.report_html.to_html`."""
+        from gradwatch.report_html import to_html
+
+        return to_html(self, title=title, fail_on=fail_on)
+
+    def plot(self, kind: str = "global_norm", *, path: str | os.PathLike[str] | None = None,
+             dpi: int = 110, width: float = 11.0) -> Any:
+        """Draw ``"global_norm"`` (with actions marked) or ``"heatmap"`` (per layer over the steps)
+        and save it when ``path`` is given; returns the matplotlib figure. Needs
+        ``gradwatch[report]``. See :func:`gradwatch.report_figures.plot`."""
+        from gradwatch.report_figures import plot
+
+        return plot(self, kind, path=path, dpi=dpi, width=width)

@@ -1,0 +1,402 @@
+"""Gradient health checks of a training setup: what ``gradwatch check`` and the pytest plugin run.
+
+A check trains a setup for a few steps under ``policy="observe"`` (so the check never changes
+what it measures) and returns the :class:`~gradwatch.Report`. A setup is what a *factory*
+returns:
+
+* PyTorch: ``(model, optimizer, batches, loss_fn)``, where ``batches`` is any iterable of
+  ``(inputs, targets)`` (a ``DataLoader``, a list, an endless generator: ``steps`` are taken);
+* Keras 3: ``(model, x, y)`` or ``(model, dataset)`` with a compiled model and a ``tf.data``
+  dataset, a ``keras.utils.PyDataset`` or a generator of ``(x, y)``;
+* a :class:`CheckSpec`, which says the same with names (and can replay a stream of
+  :class:`~gradwatch.StepStats` from a framework gradwatch has no adapter for).
+
+The framework is told from the returned objects' types (their classes' modules), so this module
+imports no framework: the factory already did. The loops themselves live in
+:mod:`gradwatch.check_loops`.
+
+A *target* names a factory: ``"package.module:function"`` or ``"path/to/file.py:function"``.
+
+>>> from gradwatch.testing import exploding_stream
+>>> report = run_check(CheckSpec(stats=exploding_stream(onset=20, steps=40)))
+>>> report.kinds("warning")
+['exploding']
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import itertools
+import os
+import random
+import sys
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+
+from gradwatch.errors import BadTargetError
+from gradwatch.report import Report
+from gradwatch.stats import StepStats
+
+DEFAULT_STEPS = 50
+"""Steps a check runs when neither the caller nor the :class:`CheckSpec` says."""
+
+EXPECTED_SETUP = """A factory must return one of:
+  PyTorch:  (model, optimizer, batches, loss_fn)   batches: an iterable of (inputs, targets)
+  Keras:    (model, x, y) or (model, dataset)      model compiled; dataset: tf.data.Dataset,
+                                                   keras.utils.PyDataset or a generator of (x, y)
+  or a gradwatch.CheckSpec(...)"""
+
+
+@dataclass
+class CheckSpec:
+    """A training setup to check, with its parts named.
+
+    Give the fields of one framework: ``model``, ``optimizer``, ``batches``, ``loss_fn`` for
+    PyTorch; ``model``, ``x`` (and ``y``) for Keras; or ``stats`` alone.
+
+    Args:
+        model: A ``torch.nn.Module``, or a compiled ``keras.Model``. Defaults to None (``stats``).
+        optimizer: PyTorch: the optimizer over the model's parameters. Defaults to None.
+        batches: PyTorch: an iterable of ``(inputs, targets)``; inputs that are a tuple are passed
+            as ``model(*inputs)``, a dict as ``model(**inputs)``. It may be endless. When it ends
+            before ``steps`` it is iterated again if it can be (a ``DataLoader``, a list), else the
+            check stops there. Defaults to None.
+        loss_fn: PyTorch: ``loss_fn(outputs, targets)`` returns the scalar loss. Defaults to None.
+        x: Keras: the inputs (arrays), or a dataset of ``(x, y)`` batches. Defaults to None.
+        y: Keras: the targets when ``x`` holds arrays. Defaults to None.
+        batch_size: Keras: the batch size for arrays. Defaults to None (Keras' 32).
+        stats: An iterable of :class:`~gradwatch.StepStats` to judge as they come, for loops
+            gradwatch has no adapter for. Defaults to None.
+        steps: Steps to run when the caller does not say. Defaults to None (:data:`DEFAULT_STEPS`).
+        name: A name for reports. Defaults to "".
+
+    Example:
+        >>> from gradwatch.testing import healthy
+        >>> run_check(CheckSpec(stats=healthy(steps=30))).healthy
+        True
+    """
+
+    model: Any = None
+    optimizer: Any = None
+    batches: Any = None
+    loss_fn: Any = None
+    x: Any = None
+    y: Any = None
+    batch_size: int | None = None
+    stats: Iterable[StepStats] | None = None
+    steps: int | None = None
+    name: str = ""
+
+    @property
+    def framework(self) -> str:
+        """``"torch"``, ``"keras"``, ``"stats"``, or ``""`` when it cannot be told."""
+        if self.stats is not None and self.model is None:
+            return "stats"
+        return detect_framework(self.model) or ""
+
+
+def detect_framework(obj: Any) -> str | None:
+    """Tell the framework of a model from its class hierarchy, importing nothing.
+
+    Args:
+        obj: A model (or any object).
+
+    Returns:
+        ``"torch"`` for a ``torch.nn.Module``, ``"keras"`` for a Keras 3 (or ``tf.keras``) model,
+        else None.
+    """
+    for cls in type(obj).__mro__:
+        module = getattr(cls, "__module__", "") or ""
+        root = module.split(".", 1)[0]
+        if root == "torch":
+            return "torch"
+        if root in ("keras", "tf_keras") or module.startswith("tensorflow.python.keras"):
+            return "keras"
+    return None
+
+
+def _describe(value: Any) -> str:
+    if value is None:
+        return "None (does the factory end with a `return`?)"
+    if isinstance(value, (tuple, list)):
+        kinds = ", ".join(type(v).__name__ for v in value[:6]) + (", ..." if len(value) > 6 else "")
+        return f"a {type(value).__name__} of {len(value)} items ({kinds})"
+    text = repr(value)
+    kind = type(value).__name__
+    article = "an" if kind[:1].lower() in "aeiou" else "a"
+    return f"{article} {kind} ({text[:60] + '...' if len(text) > 60 else text})"
+
+
+def _peek_stats(value: Any) -> Iterable[StepStats] | None:
+    """``value`` again (re-chained) when it is an iterable whose first item is a StepStats."""
+    if isinstance(value, (str, bytes, dict)) or not hasattr(value, "__iter__"):
+        return None
+    if isinstance(value, (list, tuple)):
+        return value if value and all(isinstance(v, StepStats) for v in value) else None
+    if detect_framework(value):
+        return None
+    iterator = iter(value)
+    try:
+        first = next(iterator)
+    except StopIteration:
+        return None
+    except Exception:  # a dataset that cannot be iterated here is not a stats stream
+        return None
+    return itertools.chain([first], iterator) if isinstance(first, StepStats) else None
+
+
+def as_spec(setup: Any, *, origin: str = "the factory") -> CheckSpec:
+    """Turn what a factory returned into a :class:`CheckSpec`.
+
+    Args:
+        setup: A :class:`CheckSpec`, a PyTorch or Keras tuple (see the module docstring), or an
+            iterable of :class:`~gradwatch.StepStats`.
+        origin: Who returned it, for error messages. Defaults to ``"the factory"``.
+
+    Returns:
+        The spec.
+
+    Raises:
+        BadTargetError: when ``setup`` is none of these; the message says what was expected and
+            what was received.
+    """
+    if isinstance(setup, CheckSpec):
+        spec = setup
+    elif isinstance(setup, (tuple, list)) and setup and detect_framework(setup[0]) == "torch":
+        if len(setup) != 4:
+            raise BadTargetError(
+                f"{origin} returned a PyTorch model in {_describe(setup)}; expected 4 items "
+                f"(model, optimizer, batches, loss_fn).\n{EXPECTED_SETUP}"
+            )
+        spec = CheckSpec(model=setup[0], optimizer=setup[1], batches=setup[2], loss_fn=setup[3])
+    elif isinstance(setup, (tuple, list)) and setup and detect_framework(setup[0]) == "keras":
+        if len(setup) not in (2, 3):
+            raise BadTargetError(
+                f"{origin} returned a Keras model in {_describe(setup)}; expected (model, x, y) or "
+                f"(model, dataset).\n{EXPECTED_SETUP}"
+            )
+        spec = CheckSpec(model=setup[0], x=setup[1], y=setup[2] if len(setup) == 3 else None)
+    else:
+        stream = _peek_stats(setup)
+        if stream is None:
+            raise BadTargetError(f"{origin} returned {_describe(setup)}.\n{EXPECTED_SETUP}")
+        spec = CheckSpec(stats=stream)
+    validate_spec(spec, origin=origin)
+    return spec
+
+
+def validate_spec(spec: CheckSpec, *, origin: str = "the factory") -> None:
+    """Check that a spec's parts fit its framework.
+
+    Args:
+        spec: The spec.
+        origin: Who made it, for error messages. Defaults to ``"the factory"``.
+
+    Raises:
+        BadTargetError: naming the part that does not fit, what it is and what was expected.
+    """
+    framework = spec.framework
+    if framework == "stats":
+        return
+    if framework == "torch":
+        problems = []
+        if not all(hasattr(spec.optimizer, a) for a in ("step", "zero_grad", "param_groups")):
+            problems.append(f"optimizer is {_describe(spec.optimizer)}; expected a torch.optim.Optimizer")
+        if spec.batches is None or not hasattr(spec.batches, "__iter__") or isinstance(spec.batches, (str, bytes)):
+            problems.append(f"batches is {_describe(spec.batches)}; expected an iterable of (inputs, targets)")
+        if not callable(spec.loss_fn):
+            problems.append(f"loss_fn is {_describe(spec.loss_fn)}; expected loss_fn(outputs, targets) -> loss")
+        if problems:
+            raise BadTargetError(
+                f"{origin} returned a PyTorch setup that does not fit (model, optimizer, batches, loss_fn): "
+                + "; ".join(problems) + "."
+            )
+        return
+    if framework == "keras":
+        if spec.x is None:
+            raise BadTargetError(f"{origin} returned a Keras model without data; expected (model, x, y) or (model, dataset).")
+        if getattr(spec.model, "optimizer", None) is None or not getattr(spec.model, "compiled", True):
+            raise BadTargetError(
+                f"{origin} returned a Keras model that is not compiled; call "
+                "model.compile(optimizer=..., loss=...) in the factory before returning it."
+            )
+        return
+    raise BadTargetError(
+        f"{origin} returned a CheckSpec whose model is {_describe(spec.model)}, which is neither a "
+        f"torch.nn.Module nor a keras.Model, and no stats.\n{EXPECTED_SETUP}"
+    )
+
+
+# -- targets ---------------------------------------------------------------------------------------
+
+
+def _import_file(path: str) -> ModuleType:
+    if not os.path.isfile(path):
+        raise BadTargetError(f"No file {path!r} (from the current directory {os.getcwd()!r}). "
+                             "Give the path of a .py file, or a module name: 'package.module:function'.")
+    directory = os.path.dirname(os.path.abspath(path))
+    if directory not in sys.path:
+        sys.path.insert(0, directory)  # its sibling modules import as they do under `python file.py`
+    stem = os.path.splitext(os.path.basename(path))[0]
+    name = f"gradwatch_target_{stem}_{abs(hash(os.path.abspath(path))):x}"
+    module_spec = importlib.util.spec_from_file_location(name, path)
+    if module_spec is None or module_spec.loader is None:
+        raise BadTargetError(f"Cannot load {path!r} as a Python module; give a .py file.")
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules[name] = module
+    try:
+        module_spec.loader.exec_module(module)
+    except BaseException as exc:
+        sys.modules.pop(name, None)
+        if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+            raise
+        raise BadTargetError(f"Importing {path!r} raised {type(exc).__name__}: {exc}") from exc
+    return module
+
+
+def _import_module(name: str) -> ModuleType:
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())  # as `python -m`: modules of the current directory import
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as exc:
+        if exc.name and (name == exc.name or name.startswith(exc.name + ".")):
+            raise BadTargetError(
+                f"Cannot import module {name!r} ({exc}). Give a module importable from the current "
+                "directory ('package.module:function') or the path of a file ('path/to/file.py:function')."
+            ) from exc
+        raise BadTargetError(f"Importing {name!r} raised ModuleNotFoundError: {exc}") from exc
+    except Exception as exc:
+        raise BadTargetError(f"Importing {name!r} raised {type(exc).__name__}: {exc}") from exc
+
+
+def load_target(target: str) -> Callable[[], Any]:
+    """Import the factory a target names.
+
+    Args:
+        target: ``"package.module:function"`` or ``"path/to/file.py:function"``.
+
+    Returns:
+        The factory.
+
+    Raises:
+        BadTargetError: for a malformed target, a module or file that does not import, or a
+            function that is missing or not callable.
+    """
+    where, sep, func_name = str(target).rpartition(":")
+    if not sep or not where or not func_name.isidentifier():
+        raise BadTargetError(
+            f"Expected a target of the form 'package.module:function' or 'path/to/file.py:function'; "
+            f"received {target!r}."
+        )
+    is_file = where.endswith(".py") or os.sep in where or "/" in where
+    module = _import_file(where) if is_file else _import_module(where)
+    factory = getattr(module, func_name, None)
+    if factory is None:
+        defined = sorted(
+            n for n, v in vars(module).items()
+            if callable(v) and not n.startswith("_") and getattr(v, "__module__", None) == module.__name__
+        )
+        listing = f"; it defines {', '.join(defined[:12])}" if defined else ""
+        raise BadTargetError(f"{where!r} has no function {func_name!r}{listing}.")
+    if not callable(factory):
+        raise BadTargetError(f"{where}:{func_name} is {_describe(factory)}, not a function that returns a setup.")
+    return factory
+
+
+# -- running ---------------------------------------------------------------------------------------
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, numpy's and every already-imported framework's random generators.
+
+    Only frameworks the target has imported are seeded (``sys.modules``); none is imported here.
+
+    Args:
+        seed: The seed.
+    """
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch = sys.modules.get("torch")
+    if torch is not None and hasattr(torch, "manual_seed"):
+        torch.manual_seed(seed)
+    keras = sys.modules.get("keras")
+    utils = getattr(keras, "utils", None)
+    if utils is not None and hasattr(utils, "set_random_seed"):
+        utils.set_random_seed(seed)
+    tf = sys.modules.get("tensorflow")
+    if tf is not None and hasattr(getattr(tf, "random", None), "set_seed"):
+        tf.random.set_seed(seed)
+
+
+def run_check(
+    setup: Any,
+    *,
+    steps: int | None = None,
+    seed: int | None = None,
+    device: str | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    name: str = "",
+) -> Report:
+    """Train a setup for a few steps under ``policy="observe"`` and return its report.
+
+    Args:
+        setup: A :class:`CheckSpec`, what a factory returns (see the module docstring), or the
+            factory itself (called after seeding).
+        steps: Optimizer steps to run. Defaults to None: the spec's ``steps``, else
+            :data:`DEFAULT_STEPS`.
+        seed: Seed for Python, numpy and the imported frameworks, set before the factory is
+            called. Defaults to None (the random state is left alone).
+        device: Where to train (``"cuda"``, ``"cpu"``, ``"cuda:1"``; for Keras a ``keras.device``
+            name). Defaults to None (where the factory put it).
+        progress: Called as ``progress(done, total)`` after each step. Defaults to None.
+        name: Origin for error messages (the target). Defaults to "".
+
+    Returns:
+        The report.
+
+    Raises:
+        BadTargetError: when the factory raises, returns something unusable, or its setup fails
+            in the first steps (the message says which and why).
+        ValueError: for ``steps < 1``.
+    """
+    from gradwatch.check_loops import run_spec
+
+    origin = name or "the factory"
+    if seed is not None:
+        seed_everything(seed)
+    if callable(setup) and not isinstance(setup, CheckSpec) and detect_framework(setup) is None:
+        try:
+            setup = setup()
+        except Exception as exc:
+            raise BadTargetError(f"{origin} raised {type(exc).__name__}: {exc}") from exc
+    spec = as_spec(setup, origin=origin)
+    total = steps if steps is not None else (spec.steps or DEFAULT_STEPS)
+    if total < 1:
+        raise ValueError(f"steps must be >= 1; received steps={total}.")
+    if seed is not None:
+        seed_everything(seed)  # again: frameworks the factory imported, and training-time randomness
+    return run_spec(spec, steps=total, device=device, progress=progress, origin=origin)
+
+
+def check_target(target: str, **kwargs: Any) -> Report:
+    """Load a target and check the setup its factory returns (``gradwatch check``, in Python).
+
+    Args:
+        target: ``"package.module:function"`` or ``"path/to/file.py:function"``.
+        **kwargs: Passed on to :func:`run_check` (``steps``, ``seed``, ``device``, ``progress``).
+
+    Returns:
+        The report.
+
+    Raises:
+        BadTargetError: see :func:`load_target` and :func:`run_check`.
+    """
+    factory = load_target(target)
+    kwargs.setdefault("name", target)
+    return run_check(factory, **kwargs)

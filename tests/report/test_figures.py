@@ -1,0 +1,39 @@
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("matplotlib")
+
+
+def test_plot_returns_figures_and_saves(make_report, tmp_path):
+    report = make_report("exploding", policy="auto", onset=30, steps=60)
+    fig = report.plot("global_norm", path=tmp_path / "norm.png")
+    assert (tmp_path / "norm.png").read_bytes().startswith(b"\x89PNG")
+    ax = fig.axes[0]
+    assert ax.get_yscale() == "log"  # the norm spans many decades
+    labels = {t.get_text() for t in ax.get_legend().get_texts()}
+    assert {"global gradient norm", "clip", "lr decay"} <= labels
+    heat = report.plot("heatmap", path=tmp_path / "heat.svg")
+    assert (tmp_path / "heat.svg").exists()
+    assert [t.get_text() for t in heat.axes[0].get_yticklabels()] == [f"fc{i}" for i in range(5)]
+
+
+def test_heatmap_marks_nonfinite_layers(make_report):
+    fig = make_report("nan", step=10, steps=30).plot("heatmap")
+    legend = fig.axes[0].get_legend()
+    assert legend is not None and "non-finite (NaN/Inf)" in {t.get_text() for t in legend.get_texts()}
+
+
+def test_layer_names_are_not_mathtext(odd_report):
+    fig = odd_report.plot("heatmap")
+    labels = fig.axes[0].get_yticklabels()
+    assert "a&b $x$ 'q'" in [t.get_text() for t in labels]
+    assert all(not t.get_parse_math() for t in labels)
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(fig).draw()  # $x$ would render as math if parsed; control characters must not break it
+
+
+def test_unknown_kind_is_rejected(make_report):
+    with pytest.raises(ValueError, match="kind must be one of"):
+        make_report("healthy", steps=5).plot("histogram")
