@@ -48,7 +48,7 @@ def train(model: nn.Module, opt: torch.optim.Optimizer, steps: int, *, watch=Non
         opt.step()
         if scheduler is not None:
             scheduler.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     return losses
 
 
@@ -56,5 +56,11 @@ def first_nonfinite(losses: list[float]) -> int | None:
     return next((i for i, v in enumerate(losses) if not math.isfinite(v)), None)
 
 
+def bits(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().contiguous().reshape(-1).view(torch.uint8)
+
+
 def same_params(a: nn.Module, b: nn.Module) -> bool:
-    return all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    """Bit-for-bit equal parameters (NaN included)."""
+    pa, pb = list(a.parameters()), list(b.parameters())
+    return len(pa) == len(pb) and all(torch.equal(bits(p), bits(q)) for p, q in zip(pa, pb))
