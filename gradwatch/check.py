@@ -25,13 +25,15 @@ A *target* names a factory: ``"package.module:function"`` or ``"path/to/file.py:
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import importlib.abc
 import importlib.util
 import itertools
 import os
 import random
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
@@ -310,10 +312,22 @@ def load_target(target: str) -> Callable[[], Any]:
 # -- running ---------------------------------------------------------------------------------------
 
 
+_SEEDED_FRAMEWORKS = ("torch", "keras", "tensorflow")
+
+
+def _seed_framework(name: str, module: Any, seed: int) -> None:
+    if name == "torch" and hasattr(module, "manual_seed"):
+        module.manual_seed(seed)
+    elif name == "keras" and hasattr(getattr(module, "utils", None), "set_random_seed"):
+        module.utils.set_random_seed(seed)
+    elif name == "tensorflow" and hasattr(getattr(module, "random", None), "set_seed"):
+        module.random.set_seed(seed)
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python's, numpy's and every already-imported framework's random generators.
 
-    Only frameworks the target has imported are seeded (``sys.modules``); none is imported here.
+    Only frameworks already imported are seeded (``sys.modules``); none is imported here.
 
     Args:
         seed: The seed.
@@ -322,16 +336,59 @@ def seed_everything(seed: int) -> None:
 
     random.seed(seed)
     np.random.seed(seed % 2**32)
-    torch = sys.modules.get("torch")
-    if torch is not None and hasattr(torch, "manual_seed"):
-        torch.manual_seed(seed)
-    keras = sys.modules.get("keras")
-    utils = getattr(keras, "utils", None)
-    if utils is not None and hasattr(utils, "set_random_seed"):
-        utils.set_random_seed(seed)
-    tf = sys.modules.get("tensorflow")
-    if tf is not None and hasattr(getattr(tf, "random", None), "set_seed"):
-        tf.random.set_seed(seed)
+    for name in _SEEDED_FRAMEWORKS:
+        if name in sys.modules:
+            _seed_framework(name, sys.modules[name], seed)
+
+
+class _SeedOnImport(importlib.abc.MetaPathFinder):
+    """Seeds a framework the moment it is first imported (by a factory that imports it inside the
+    function), so its model's initial weights are as repeatable as those of a module-level import."""
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+
+    def find_spec(self, fullname: str, path: Any, target: Any = None) -> Any:
+        if fullname not in _SEEDED_FRAMEWORKS or fullname in sys.modules:
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(fullname, path, target)
+            if spec is not None:
+                break
+        else:
+            return None
+        loader = spec.loader
+        if loader is None or not hasattr(loader, "exec_module"):
+            return spec
+        run_module, seed = loader.exec_module, self.seed
+
+        def exec_module(module: ModuleType) -> None:
+            run_module(module)
+            _seed_framework(fullname, module, seed)
+
+        loader.exec_module = exec_module  # type: ignore[method-assign]
+        return spec
+
+
+@contextlib.contextmanager
+def seeded(seed: int | None) -> Iterator[None]:
+    """Seed everything now and every framework imported inside the ``with`` block.
+
+    Args:
+        seed: The seed; None does nothing.
+    """
+    if seed is None:
+        yield
+        return
+    seed_everything(seed)
+    finder = _SeedOnImport(seed)
+    sys.meta_path.insert(0, finder)
+    try:
+        yield
+    finally:
+        sys.meta_path.remove(finder)
 
 
 def run_check(
@@ -350,8 +407,9 @@ def run_check(
             factory itself (called after seeding).
         steps: Optimizer steps to run. Defaults to None: the spec's ``steps``, else
             :data:`DEFAULT_STEPS`.
-        seed: Seed for Python, numpy and the imported frameworks, set before the factory is
-            called. Defaults to None (the random state is left alone).
+        seed: Seed for Python, numpy and the frameworks, set before the factory is called (a
+            framework the factory imports is seeded as it is imported) and again before training.
+            Defaults to None (the random state is left alone).
         device: Where to train (``"cuda"``, ``"cpu"``, ``"cuda:1"``; for Keras a ``keras.device``
             name). Defaults to None (where the factory put it).
         progress: Called as ``progress(done, total)`` after each step. Defaults to None.
@@ -368,13 +426,12 @@ def run_check(
     from gradwatch.check_loops import run_spec
 
     origin = name or "the factory"
-    if seed is not None:
-        seed_everything(seed)
-    if callable(setup) and not isinstance(setup, CheckSpec) and detect_framework(setup) is None:
-        try:
-            setup = setup()
-        except Exception as exc:
-            raise BadTargetError(f"{origin} raised {type(exc).__name__}: {exc}") from exc
+    with seeded(seed):
+        if callable(setup) and not isinstance(setup, CheckSpec) and detect_framework(setup) is None:
+            try:
+                setup = setup()
+            except Exception as exc:
+                raise BadTargetError(f"{origin} raised {type(exc).__name__}: {exc}") from exc
     spec = as_spec(setup, origin=origin)
     total = steps if steps is not None else (spec.steps or DEFAULT_STEPS)
     if total < 1:
@@ -397,6 +454,7 @@ def check_target(target: str, **kwargs: Any) -> Report:
     Raises:
         BadTargetError: see :func:`load_target` and :func:`run_check`.
     """
-    factory = load_target(target)
+    with seeded(kwargs.get("seed")):  # module-level code of the target runs seeded too
+        factory = load_target(target)
     kwargs.setdefault("name", target)
     return run_check(factory, **kwargs)

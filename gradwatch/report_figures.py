@@ -204,7 +204,7 @@ def global_norm_figure(report: Report, *, width: float = 11.0, title: bool = Tru
                 ax_loss.set_yscale("log")
             ax_loss.set_ylabel("loss")
             ax_loss.grid(True, alpha=0.3)
-            ax_loss.legend(loc="upper right", fontsize=9, frameon=False)
+            ax_loss.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=9, frameon=False)
         axes[-1].set_xlabel("optimizer step")
         ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=9, frameon=False)
     return fig

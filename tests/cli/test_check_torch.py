@@ -112,3 +112,25 @@ def test_html_report_of_a_torch_check(check, tmp_path):
     assert run.code == 1
     html = page.read_text()
     assert html.count("data:image/png;base64,") == 2 and "nonfinite" in html
+
+
+def test_a_framework_the_factory_imports_is_seeded_as_it_loads(tmp_path):
+    """The factories import torch inside the function: the console script, in a fresh process,
+    must give the numbers of an in-process check where torch was already imported."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "r.json"
+    script = os.path.join(os.path.dirname(sys.executable), "gradwatch")
+    result = subprocess.run([script, "check", f"{FACTORIES}:torch_healthy", "--steps", "5", "--json", str(out)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    fresh = json.loads(out.read_text())["history"]["global_norm"]
+    assert fresh == check_target(f"{FACTORIES}:torch_healthy", steps=5, seed=0).history["global_norm"]
+
+
+def test_the_docs_example_factory_is_healthy():
+    example = Path(__file__).parents[2] / "examples" / "ci" / "models.py"
+    assert check_target(f"{example}:build_mlp", steps=12, seed=0).healthy
