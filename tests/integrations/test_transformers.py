@@ -1,0 +1,179 @@
+"""The Hugging Face ``Trainer`` callback on a tiny config-built BERT (CPU, no download)."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("accelerate")
+
+from gradwatch.integrations.transformers import GradWatchCallback  # noqa: E402
+from transformers import (  # noqa: E402
+    BertConfig,
+    BertForSequenceClassification,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+)
+
+import gradwatch  # noqa: E402
+
+torch.set_num_threads(1)
+transformers.utils.logging.set_verbosity_error()
+
+
+class Tokens(torch.utils.data.Dataset):
+    """Random token sequences; the label says whether most of the first four tokens are < 50."""
+
+    def __init__(self, n: int = 64, seq: int = 16, regression: bool = False) -> None:
+        g = torch.Generator().manual_seed(0)
+        self.x = torch.randint(3, 100, (n, seq), generator=g)
+        y = (self.x[:, :4] < 50).sum(1).ge(2)
+        self.y = y.float() if regression else y.long()
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"input_ids": self.x[i], "attention_mask": torch.ones_like(self.x[i]), "labels": self.y[i]}
+
+
+def tiny_bert(regression: bool = False, cls=BertForSequenceClassification):
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=32, num_labels=1 if regression else 2,
+        problem_type="regression" if regression else "single_label_classification",
+    )
+    return cls(config)
+
+
+class LoggedLosses(TrainerCallback):
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs:
+            self.losses.append(logs["loss"])
+
+
+class InjectLR(TrainerCallback):
+    """From ``at`` on, every optimizer step runs at ``lr`` (a broken schedule)."""
+
+    def __init__(self, at: int, lr: float) -> None:
+        self.at, self.lr = at, lr
+
+    def on_step_begin(self, args, state, control, optimizer=None, **kwargs):
+        if state.global_step >= self.at:
+            for group in optimizer.param_groups:
+                group["lr"] = self.lr
+
+
+def train(model, callbacks, tmp_path, *, steps: int, lr: float, optim: str = "adamw_torch",
+          regression: bool = False, **kwargs) -> Trainer:
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "out"), max_steps=steps, per_device_train_batch_size=16, learning_rate=lr,
+        lr_scheduler_type="constant", optim=optim, report_to=[], use_cpu=True, logging_steps=5,
+        save_strategy="no", disable_tqdm=True, seed=0, data_seed=0, **kwargs,
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=Tokens(regression=regression), callbacks=list(callbacks))
+    trainer.train()
+    return trainer
+
+
+def gradwatch_warnings(caught) -> list[str]:
+    return [str(w.message) for w in caught if "gradwatch" in str(w.message)]
+
+
+def test_healthy_run_is_silent_and_bit_for_bit_the_unwatched_run(tmp_path):
+    watched, gw = tiny_bert(), GradWatchCallback()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer = train(watched, [gw], tmp_path, steps=40, lr=5e-4)
+    report = gw.report()
+    assert report.healthy and report.findings == [] and report.actions == []
+    assert report.steps_measured == 40 and report.framework == "transformers"
+    assert gradwatch_warnings(caught) == []
+    assert trainer.args.max_grad_norm == 1.0  # handed back to the Trainer
+    # gradwatch did the Trainer's max_grad_norm=1.0 clipping itself, exactly as the Trainer does.
+    plain = tiny_bert()
+    train(plain, [], tmp_path, steps=40, lr=5e-4)
+    assert all(torch.equal(a, b) for a, b in zip(watched.parameters(), plain.parameters()))
+    # The losses gradwatch read from the model outputs are the Trainer's.
+    logged = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    assert logged[0] == pytest.approx(sum(report.history["loss"][:5]) / 5, rel=1e-4)
+
+
+def test_an_injected_lr_of_1e3_is_caught_and_kept_finite(tmp_path):
+    # max_grad_norm=0: the user turned the Trainer's clipping off. Unwatched, the run's loss goes
+    # to NaN within a few steps, and the Trainer's logged loss hides it (logging_nan_inf_filter).
+    plain, plain_log = tiny_bert(regression=True), LoggedLosses()
+    train(plain, [InjectLR(25, 1e3), plain_log], tmp_path, steps=50, lr=0.05, optim="sgd",
+          regression=True, max_grad_norm=0.0)
+    assert not all(torch.isfinite(p).all() for p in plain.parameters())
+    assert all(math.isfinite(v) for v in plain_log.losses)  # the filter hid it
+
+    model, gw, log = tiny_bert(regression=True), GradWatchCallback(), LoggedLosses()
+    with pytest.warns(UserWarning, match="gradwatch: \\[(warning|error)\\] exploding"):
+        train(model, [InjectLR(25, 1e3), gw, log], tmp_path, steps=50, lr=0.05, optim="sgd",
+              regression=True, max_grad_norm=0.0)
+    report = gw.report()
+    exploding = [f for f in report.findings if f.kind == "exploding"]
+    # Caught at the first step whose gradients were computed after the first update at LR 1e3.
+    assert min(f.step for f in exploding) == 26 and "error" in {f.severity for f in exploding}
+    assert report.action_counts.get("clip", 0) > 0 and report.action_counts.get("lr_decay", 0) >= 1
+    assert gw.monitor.controls.lr_factor < 1.0
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert all(math.isfinite(v) for v in report.history["loss"])
+
+
+class PoisonedBert(BertForSequenceClassification):
+    """A BERT whose loss is NaN on one training forward pass (a corrupt batch)."""
+
+    poison_at = 12
+
+    def forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):
+        out = super().forward(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
+        if self.training:
+            self.calls = getattr(self, "calls", 0) + 1
+            if self.calls == self.poison_at + 1:
+                out.loss = out.loss * float("nan")
+        return out
+
+
+def test_a_nan_loss_is_counted_and_reported_though_the_logged_loss_hides_it(tmp_path):
+    model, gw = tiny_bert(cls=PoisonedBert), GradWatchCallback()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer = train(model, [gw], tmp_path, steps=20, lr=5e-4)
+    logged = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    assert logged and all(math.isfinite(v) for v in logged)  # logging_nan_inf_filter=True hid it
+    assert gw.nonfinite_losses == 1 and gw.micro_batches == 20
+    report = gw.report()
+    (nonfinite,) = [f for f in report.findings if f.kind == "nonfinite"]
+    assert nonfinite.step == 12 and nonfinite.severity == "error"
+    assert [a.kind for a in report.actions] == ["skip_step"]
+    assert all(torch.isfinite(p).all() for p in model.parameters())  # the poisoned step was skipped
+    messages = gradwatch_warnings(caught)
+    assert any("1 micro-batch loss(es) NaN/Inf at optimizer step 12" in m for m in messages)
+    assert any("1 of 20 micro-batch losses were NaN/Inf" in m for m in messages)
+
+
+def test_state_round_trip_and_internal_errors(tmp_path, monkeypatch):
+    gw = GradWatchCallback()
+    train(tiny_bert(), [gw], tmp_path, steps=3, lr=5e-4)
+    saved = gw.state()
+    assert saved["args"] == {"policy": "auto", "every": 1, "param_norms": True, "strict": False}
+    restored = GradWatchCallback(**saved["args"])
+    restored.gradwatch_state = saved["attributes"]["gradwatch_state"]  # what Trainer does on resume
+    assert restored.report().to_dict() == gw.report().to_dict() and restored.step == 3
+
+    broken = GradWatchCallback()
+    monkeypatch.setattr(broken.monitor, "observe", lambda *a, **k: 1 / 0)
+    with pytest.warns(gradwatch.GradwatchWarning, match="stopped monitoring"):
+        trainer = train(tiny_bert(), [broken], tmp_path, steps=4, lr=5e-4)
+    assert trainer.state.global_step == 4 and trainer.args.max_grad_norm == 1.0
