@@ -181,7 +181,7 @@ def run_keras(spec: CheckSpec, *, steps: int, device: str | None, progress: Prog
     keras = sys.modules.get("keras")
     if keras is None:  # a tf.keras model: Keras 3 is what the adapter supports
         raise BadTargetError(f"{origin} returned a tf.keras (Keras 2) model; gradwatch supports Keras 3 models.")
-    callback = GradWatch(policy="observe")
+    callback = GradWatch(policy="observe", strict=True)
     stopper = _keras_stopper(keras, steps, progress)
     kwargs: dict[str, Any] = {"callbacks": [callback, stopper], "verbose": 0}
     args: tuple[Any, ...]
@@ -200,6 +200,7 @@ def run_keras(spec: CheckSpec, *, steps: int, device: str | None, progress: Prog
             kwargs.update(epochs=1, steps_per_epoch=steps)
         else:
             kwargs["epochs"] = max(1, math.ceil(steps / max(per_epoch, 1)))
+        kwargs["shuffle"] = False  # a dataset or generator comes shuffled, or not, as its author wants
         args = (spec.x,)
     context = keras.device(device) if device else contextlib.nullcontext()
     try:

@@ -183,3 +183,63 @@ def keras_uncompiled():
 
     model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
     return model, np.zeros((8, 4), "float32"), np.zeros((8, 2), "float32")
+
+
+def keras_vanishing():
+    """A deep sigmoid MLP in Keras: gradients vanish towards the input."""
+    import keras
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(256, 16)).astype("float32")
+    y = (x @ rng.normal(size=(16, 4))).argmax(1)
+    layers = [keras.layers.Dense(32, activation="sigmoid", name=f"dense_{i}") for i in range(12)]
+    model = keras.Sequential([keras.Input((16,)), *layers, keras.layers.Dense(4, name="head")])
+    model.compile(optimizer=keras.optimizers.SGD(0.01),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    return model, x, y
+
+
+def keras_pydataset():
+    """A healthy MLP fed by a keras.utils.PyDataset of 4 batches (iterated over several epochs)."""
+    import keras
+
+    model, x, y = keras_healthy()
+
+    class Batches(keras.utils.PyDataset):
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, i):
+            return x[i * 32:(i + 1) * 32], y[i * 32:(i + 1) * 32]
+
+    return model, Batches()
+
+
+def keras_generator():
+    """A healthy MLP fed by an endless Python generator of (x, y) batches."""
+    import itertools
+
+    model, x, y = keras_healthy()
+
+    def batches():
+        for i in itertools.cycle(range(8)):
+            yield x[i * 32:(i + 1) * 32], y[i * 32:(i + 1) * 32]
+
+    return model, batches()
+
+
+def keras_tf_data_repeated():
+    """A healthy MLP fed by an endless tf.data pipeline (TensorFlow backend)."""
+    import tensorflow as tf
+
+    model, x, y = keras_healthy()
+    return model, tf.data.Dataset.from_tensor_slices((x, y)).batch(32).repeat()
+
+
+def keras_tf_data():
+    """A healthy MLP fed by a finite tf.data pipeline of 8 batches (TensorFlow backend)."""
+    import tensorflow as tf
+
+    model, x, y = keras_healthy()
+    return model, tf.data.Dataset.from_tensor_slices((x, y)).batch(32)
