@@ -1,0 +1,433 @@
+"""The in-graph half of the Keras adapter: measure and steer every optimizer step.
+
+All three Keras trainers hand the gradients to the optimizer's ``apply``: TensorFlow and PyTorch
+through ``apply_gradients``/``apply`` in ``train_step``, JAX through ``stateless_apply``, which runs
+``apply`` inside a ``StatelessScope`` (DESIGN.md, "Where to measure", point 2). A
+:class:`StepProbe` replaces ``apply`` on the optimizer instance (the inner one of a
+``LossScaleOptimizer``, where gradients are already unscaled) by a function that, inside the
+compiled step (``tf.function``, XLA, ``jax.jit``):
+
+1. reduces the gradients to per-variable norms, reads non-finiteness off those norms (a NaN/Inf
+   element makes its tensor's norm non-finite), takes parameter norms and the share of exactly-zero
+   bias gradients (a unit whose bias gradient is exactly zero got no signal on the whole batch);
+2. carries out the standing orders of :class:`gradwatch.Controls`, kept in a variable because a
+   Python attribute is frozen at trace time: skip a non-finite step (weights, optimizer state and
+   ``iterations`` unchanged), clip the global norm, scale the learning rate (the rate itself, not
+   the gradients, which would be wrong for Adam);
+3. writes one row of statistics into a small ring of rows, read by the callback on the host.
+
+The ring, the step counter and the controls are tracked as variables of the optimizer for the
+duration of ``fit``: on JAX only optimizer variables are threaded through ``stateless_apply``, any
+other assignment is dropped. They are hidden from the optimizer's checkpoints (``save_own_variables``)
+so checkpoints stay loadable without gradwatch, and untracked again when training ends.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+from gradwatch.integrations._keras_layout import keras_layout
+
+from gradwatch.policy import Controls
+from gradwatch.stats import Layout
+
+HEAD = ("step", "global_norm", "lr", "skipped", "clip_scale")
+"""The first columns of a row; then ``grad_norm``, ``param_norm``, ``zero_fraction`` and
+``has_grad``, one entry per trainable variable each."""
+COL_STEP, COL_GLOBAL, COL_LR, COL_SKIPPED, COL_SCALE = range(len(HEAD))
+BLOCKS = ("grad_norm", "param_norm", "zero_fraction", "has_grad")
+
+
+def controls_vector(controls: Controls) -> np.ndarray:
+    """The controls as the float32 vector the compiled step reads: ``[skip, clip_norm, lr_factor]``."""
+    return np.array(
+        [1.0 if controls.skip_nonfinite else 0.0, controls.clip_norm, controls.lr_factor], dtype=np.float32
+    )
+
+
+def base_optimizer(optimizer: Any) -> Any:
+    """The optimizer that sees unscaled gradients: the inner one of a ``LossScaleOptimizer``."""
+    import keras
+
+    if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+        return optimizer.inner_optimizer
+    return optimizer
+
+
+class _ScaledLearningRate:
+    """Stands in for ``optimizer._learning_rate`` during one ``apply``: the user's rate (float,
+    variable or schedule, evaluated as Keras would) times the gradwatch factor. A plain callable,
+    so the optimizer's ``learning_rate`` property calls it."""
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def __call__(self) -> Any:
+        return self.value
+
+
+class StepProbe:
+    """Patch one optimizer so that each of its steps is measured and steered in-graph.
+
+    Args:
+        model: The Keras model being trained.
+        optimizer: ``model.optimizer`` (a ``LossScaleOptimizer`` is looked through).
+        ring: Rows kept between two reads by the host. Defaults to 16.
+        remedies: Apply the controls (skip, clip, LR factor) in the step. False for the observe
+            policy, whose steps are then computed exactly as without gradwatch. Defaults to True.
+        strict: Raise an internal error met while tracing the step instead of training on
+            unmeasured. Defaults to False.
+    """
+
+    def __init__(
+        self, model: Any, optimizer: Any, *, ring: int = 16, remedies: bool = True, strict: bool = False
+    ) -> None:
+        import keras
+
+        self.keras = keras
+        self.backend = keras.backend.backend()
+        self.model = model
+        self.optimizer = optimizer
+        self.target = base_optimizer(optimizer)
+        if not optimizer.built:
+            # What the first apply would do; building early creates the same zero slots.
+            with keras.name_scope(optimizer.name, caller=optimizer):
+                optimizer.build(model.trainable_variables)
+        self.variables = list(self.target._trainable_variables)
+        self.layout: Layout = keras_layout(model, self.variables)
+        self.n = len(self.variables)
+        self.width = len(HEAD) + len(BLOCKS) * self.n
+        self.ring = int(ring)
+        self.steps_per_execution = max(1, int(getattr(model, "steps_per_execution", 1) or 1))
+        self.remedies = remedies
+        self.strict = strict
+        self.lock = threading.Lock()
+        self.error: BaseException | None = None
+        self.installed = False
+        self._previous: dict[str, Any] = {}
+        self.ring_var: Any = None
+        self.count_var: Any = None
+        self.controls_var: Any = None
+
+    # -- install / remove ----------------------------------------------------------------------
+
+    def install(self, controls: Controls, count: int) -> None:
+        """Create the variables, track them in the optimizer and patch its methods.
+
+        Args:
+            controls: The standing orders to start with.
+            count: The step counter to continue from.
+        """
+        keras = self.keras
+        self.ring_var = keras.Variable(
+            np.full((self.ring, self.width), np.nan, dtype=np.float32), dtype="float32",
+            trainable=False, name="gradwatch_stats",
+        )
+        self.count_var = keras.Variable(np.int32(count), dtype="int32", trainable=False, name="gradwatch_count")
+        self.controls_var = keras.Variable(
+            controls_vector(controls), dtype="float32", trainable=False, name="gradwatch_controls"
+        )
+        self.owned = (self.ring_var, self.count_var, self.controls_var)
+        for variable in self.owned:
+            self.target._track_variable(variable)
+        outer_vars = self.optimizer.variables
+        self.positions = [next(i for i, v in enumerate(outer_vars) if v is mine) for mine in self.owned]
+        target, outer = self.target, self.optimizer
+        self._previous = {
+            "apply": target.__dict__.get("apply"),
+            "save_own_variables": outer.__dict__.get("save_own_variables"),
+            "load_own_variables": outer.__dict__.get("load_own_variables"),
+        }
+        self._original_apply = target.apply
+        original_save, original_load = outer.save_own_variables, outer.load_own_variables
+
+        def apply(grads: Sequence[Any], trainable_variables: Sequence[Any] | None = None) -> Any:
+            return self._apply(grads, trainable_variables)
+
+        def save_own_variables(store: Any) -> Any:
+            with self._hidden():
+                return original_save(store)
+
+        def load_own_variables(store: Any) -> Any:
+            with self._hidden():
+                return original_load(store)
+
+        apply._gradwatch_probe = self  # type: ignore[attr-defined]
+        object.__setattr__(target, "apply", apply)
+        object.__setattr__(outer, "save_own_variables", save_own_variables)
+        object.__setattr__(outer, "load_own_variables", load_own_variables)
+        self.installed = True
+
+    def remove(self) -> None:
+        """Undo :meth:`install`: restore the optimizer's methods and untrack the variables."""
+        if not self.installed:
+            return
+        self.installed = False
+        for owner, name in ((self.target, "apply"), (self.optimizer, "save_own_variables"),
+                            (self.optimizer, "load_own_variables")):
+            previous = self._previous.get(name)
+            if previous is None:
+                owner.__dict__.pop(name, None)
+            else:
+                object.__setattr__(owner, name, previous)
+        for variable in self.owned:
+            self.target._untrack_variable(variable)
+
+    def _hidden(self) -> Any:
+        probe = self
+
+        class Hidden:
+            def __enter__(self) -> None:
+                store = probe.target._variables
+                self.saved = list(store)
+                store[:] = [v for v in store if not any(v is mine for mine in probe.owned)]
+
+            def __exit__(self, *exc: object) -> None:
+                probe.target._variables[:] = self.saved
+
+        return Hidden()
+
+    # -- host side -----------------------------------------------------------------------------
+
+    def read(self) -> tuple[int, np.ndarray]:
+        """The step counter and the ring of rows, as numpy (one device-to-host transfer each).
+
+        On JAX the variables are detached during ``fit``; the newest state lives in
+        ``model._jax_state``, whose arrays the next step may donate: a read that loses that race
+        retries on the newer state (the ring still holds the rows).
+        """
+        with self.lock:
+            if self.backend == "jax":
+                return self._read_jax()
+            ops = self.keras.ops
+            return int(ops.convert_to_numpy(self.count_var.value)), np.array(
+                ops.convert_to_numpy(self.ring_var.value), copy=True
+            )
+
+    def _read_jax(self) -> tuple[int, np.ndarray]:
+        deadline = time.monotonic() + 60.0
+        while True:
+            state = getattr(self.model, "_jax_state", None)
+            try:
+                if state and state.get("optimizer_variables"):
+                    values = state["optimizer_variables"]
+                    count = np.array(values[self.positions[1]], copy=True)
+                    ring = np.array(values[self.positions[0]], copy=True)
+                else:
+                    count = np.array(self.count_var.value, copy=True)
+                    ring = np.array(self.ring_var.value, copy=True)
+                return int(count), ring
+            except RuntimeError as exc:
+                if "deleted" not in str(exc) or time.monotonic() > deadline:
+                    raise
+            # The next step donated these arrays: its own state (with our rows) comes next.
+            while getattr(self.model, "_jax_state", None) is state and time.monotonic() < deadline:
+                time.sleep(0.0005)
+
+    def write_controls(self, controls: Controls) -> None:
+        """Write new standing orders; call between steps, on the thread that runs ``fit``."""
+        if self.backend == "jax" and getattr(self.model, "_jax_state", None):
+            # The variables are detached while fit runs; sync them back so the next step reads
+            # the whole state (ours included) from the variables again.
+            self.model.jax_state_sync()
+        self.controls_var.assign(controls_vector(controls))
+
+    # -- the compiled step ---------------------------------------------------------------------
+
+    def _apply(self, grads: Sequence[Any], trainable_variables: Sequence[Any] | None) -> Any:
+        original = self._original_apply
+        if self.error is not None:
+            return original(grads, trainable_variables)
+        try:
+            plan = self._measure(list(grads), trainable_variables)
+        except Exception as exc:  # gradwatch's own failure: train on, unmeasured
+            if self.strict:
+                raise
+            self.error = exc
+            return original(grads, trainable_variables)
+        if not self.remedies:
+            return original(grads, trainable_variables)
+        return self._steer(plan, trainable_variables)
+
+    def _norms(self, tensors: list[Any]) -> list[Any]:
+        """L2 norm of each tensor, in float32, fused where the backend allows."""
+        if not tensors:
+            return []
+        if self.backend == "torch":
+            import torch
+
+            return list(torch._foreach_norm([t if t.dtype == torch.float32 else t.float() for t in tensors]))
+        ops = self.keras.ops
+        return [ops.sqrt(ops.sum(ops.square(ops.cast(self._densify(t), "float32")))) for t in tensors]
+
+    def _densify(self, g: Any) -> Any:
+        if self.backend == "tensorflow":
+            import tensorflow as tf
+
+            if isinstance(g, tf.IndexedSlices):
+                # Repeated indices add up in the dense gradient: sum them before taking the norm.
+                unique, position = tf.unique(g.indices)
+                return tf.math.unsorted_segment_sum(g.values, position, tf.shape(unique)[0])
+        return g
+
+    def _scale(self, g: Any, factor: Any) -> Any:
+        ops = self.keras.ops
+        if self.backend == "tensorflow":
+            import tensorflow as tf
+
+            if isinstance(g, tf.IndexedSlices):
+                return tf.IndexedSlices(g.values * tf.cast(factor, g.values.dtype), g.indices, g.dense_shape)
+        return ops.multiply(g, ops.cast(factor, g.dtype))
+
+    def _present(self, grads: list[Any], trainable_variables: Sequence[Any] | None) -> dict[int, Any]:
+        """The gradients that exist, by the index of their variable in the optimizer's list."""
+        target = self.target
+        tvars = list(trainable_variables) if trainable_variables is not None else list(target._trainable_variables)
+        if len(tvars) != len(grads):
+            raise ValueError(f"{len(grads)} gradients for {len(tvars)} variables.")
+        return {target._get_variable_index(v): g for g, v in zip(grads, tvars) if g is not None}
+
+    def _measure(self, grads: list[Any], trainable_variables: Sequence[Any] | None) -> dict[str, Any]:
+        by_index = self._present(grads, trainable_variables)
+        if self.backend == "torch":
+            return self._measure_torch(grads, by_index)
+        ops = self.keras.ops
+        target = self.target
+        present = sorted(by_index)
+        grad_norms = dict(zip(present, self._norms([by_index[i] for i in present])))
+        param_norms = self._norms([v.value for v in self.variables])
+        zero = ops.zeros((), dtype="float32")
+        nan = ops.cast(ops.convert_to_tensor(math.nan), "float32")
+        grad_vec = ops.stack([grad_norms.get(i, zero) for i in range(self.n)])
+        param_vec = ops.stack(param_norms)
+        zero_fraction = []
+        for i in range(self.n):
+            g = by_index.get(i)
+            if g is not None and self.layout.roles[i] == "bias" and self._densify(g) is g:
+                zero_fraction.append(ops.mean(ops.cast(ops.equal(g, 0), "float32")))
+            else:
+                zero_fraction.append(nan)
+        has_grad = ops.convert_to_tensor(
+            np.array([1.0 if i in by_index else 0.0 for i in range(self.n)], dtype=np.float32)
+        )
+        finite = ops.all(ops.isfinite(grad_vec))
+        global_norm = ops.sqrt(ops.sum(ops.square(grad_vec)))
+        controls = self.controls_var.value
+        skip = ops.logical_and(controls[0] > 0.5, ops.logical_not(finite)) if self.remedies else ops.convert_to_tensor(False)
+        clip = controls[1]
+        do_clip = ops.logical_and(finite, global_norm > clip)
+        scale = ops.where(do_clip, ops.divide(clip, ops.maximum(global_norm, 1e-30)), ops.ones((), "float32"))
+        if not self.remedies:
+            scale = ops.ones((), "float32")
+        rate = ops.convert_to_tensor(target._get_current_learning_rate())
+        if self.remedies:
+            rate = ops.multiply(rate, ops.cast(controls[2], rate.dtype))
+        lr = ops.cast(rate, "float32")
+        count = self.count_var.value
+        head = ops.stack([
+            ops.cast(count, "float32"), global_norm, lr, ops.cast(skip, "float32"), scale,
+        ])
+        row = ops.concatenate([head, grad_vec, param_vec, ops.stack(zero_fraction), has_grad])
+        slot = ops.mod(count, self.ring)
+        with self.lock:
+            updated = ops.slice_update(self.ring_var.value, [slot, 0], ops.expand_dims(row, 0))
+            self.ring_var.assign(updated)
+            self.count_var.assign(count + 1)
+        return {"grads": grads, "skip": skip, "scale": scale, "rate": rate}
+
+    def _measure_torch(self, grads: list[Any], by_index: dict[int, Any]) -> dict[str, Any]:
+        """The same as :meth:`_measure` in plain torch: eager Keras ops cost ~10 us each."""
+        import torch
+
+        with torch.no_grad():
+            present = sorted(by_index)
+            norms = self._norms([by_index[i] for i in present])
+            params = torch.stack(self._norms([v.value for v in self.variables]))
+            device = params.device
+            key = tuple(present)
+            cached = getattr(self, "_torch_cache", None)
+            if cached is None or cached[0] != key:
+                index = torch.tensor(present, dtype=torch.long, device=device)
+                biases = [i for i in present if self.layout.roles[i] == "bias"]
+                has = torch.zeros(self.n, device=device)
+                has[index] = 1.0
+                cached = (key, index, biases, torch.tensor(biases, dtype=torch.long, device=device), has)
+                self._torch_cache = cached
+            _, index, biases, bias_index, has = cached
+            grad_vec = torch.zeros(self.n, device=device)
+            if norms:
+                grad_vec[index] = torch.stack(norms)
+            zero_fraction = torch.full((self.n,), math.nan, device=device)
+            if biases:
+                zero_fraction[bias_index] = torch.stack([(by_index[i] == 0).float().mean() for i in biases])
+            finite = torch.isfinite(grad_vec).all()
+            global_norm = torch.linalg.vector_norm(grad_vec)
+            controls = self.controls_var.value
+            rate = self.target._get_current_learning_rate()
+            rate = rate.value if hasattr(rate, "value") else torch.as_tensor(rate, device=device)
+            if self.remedies:
+                skip = (controls[0] > 0.5) & ~finite
+                do_clip = finite & (global_norm > controls[1])
+                scale = torch.where(do_clip, controls[1] / global_norm.clamp_min(1e-30), torch.ones((), device=device))
+                rate = rate * controls[2].to(rate.dtype)
+            else:
+                skip = torch.zeros((), dtype=torch.bool, device=device)
+                scale = torch.ones((), device=device)
+            count = self.count_var.value
+            head = torch.stack([count.float(), global_norm, rate.float(), skip.float(), scale])
+            row = torch.cat([head, grad_vec, params, zero_fraction, has])
+            with self.lock:
+                self.ring_var.value.index_copy_(0, (count % self.ring).long().view(1), row.view(1, -1))
+                count.add_(1)
+        return {"grads": grads, "skip": skip, "scale": scale, "rate": rate}
+
+    def _steer(self, plan: dict[str, Any], trainable_variables: Sequence[Any] | None) -> Any:
+        ops = self.keras.ops
+        target = self.target
+        if self.backend == "torch":
+            import torch
+
+            scaled = list(plan["grads"])
+            present = [i for i, g in enumerate(scaled) if g is not None]
+            for i, g in zip(present, torch._foreach_mul([scaled[i] for i in present], plan["scale"])):
+                scaled[i] = g
+        else:
+            scaled = [None if g is None else self._scale(g, plan["scale"]) for g in plan["grads"]]
+        user_rate = target._learning_rate
+        scaled_rate = _ScaledLearningRate(plan["rate"])
+
+        def run() -> None:
+            object.__setattr__(target, "_learning_rate", scaled_rate)
+            try:
+                self._original_apply(scaled, trainable_variables)
+            finally:
+                object.__setattr__(target, "_learning_rate", user_rate)
+
+        if self.backend == "jax":
+            # No stateful cond inside a StatelessScope (its branches' assignments would escape
+            # the trace): run the step, then select the old values back where it is skipped.
+            state = list(target._trainable_variables) + [
+                v for v in target.variables if not any(v is mine for mine in self.owned)
+            ]
+            before = [v.value for v in state]
+            run()
+            for variable, old in zip(state, before):
+                variable.assign(ops.where(plan["skip"], old, variable.value))
+            return None
+        if self.backend == "torch":
+            if not bool(plan["skip"]):
+                run()
+            return None
+        ops.cond(plan["skip"], lambda: None, run)
+        return None
+
+
+def probe_of(optimizer: Any) -> StepProbe | None:
+    """The probe installed on an optimizer (or its inner optimizer), if any."""
+    apply: Callable | None = base_optimizer(optimizer).__dict__.get("apply")
+    return getattr(apply, "_gradwatch_probe", None)

@@ -1,0 +1,339 @@
+"""Keras 3 adapter: ``model.fit(x, y, callbacks=[GradWatch()])`` on TensorFlow, PyTorch and JAX.
+
+The callback is a thin shell around a :class:`gradwatch.Monitor`. The measuring and the remedies
+happen inside the compiled training step, in the optimizer's ``apply`` (see
+:mod:`gradwatch.integrations._keras_step`); the callback reads one small block of statistics per
+measured batch, hands each optimizer step to the monitor and writes the monitor's standing orders
+(:class:`gradwatch.Controls`) back into the step's variables.
+
+Example:
+    >>> import keras, numpy as np
+    >>> from gradwatch import GradWatch
+    >>> model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4, activation="relu"),
+    ...                           keras.layers.Dense(1)])
+    >>> model.compile(optimizer="adam", loss="mse")
+    >>> cb = GradWatch()
+    >>> history = model.fit(np.ones((32, 8)), np.ones((32, 1)), epochs=1, verbose=0, callbacks=[cb])
+    >>> cb.report().healthy, "grad_norm" in history.history
+    (True, True)
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+import warnings
+from typing import Any
+
+import numpy as np
+
+from gradwatch.errors import GradwatchWarning, require
+from gradwatch.monitor import Monitor
+from gradwatch.policy import AutoPolicy, ObservePolicy, Policy
+from gradwatch.report import Report
+from gradwatch.stats import StepStats
+
+keras = require("keras", "keras")
+
+from gradwatch.integrations._keras_step import (  # noqa: E402
+    BLOCKS,
+    COL_LR,
+    COL_STEP,
+    HEAD,
+    StepProbe,
+    probe_of,
+)
+
+STATE_VERSION = 1
+
+__all__ = ["GradWatch"]
+
+
+class GradWatch(keras.callbacks.Callback):
+    """Watch the gradients of ``model.fit``, diagnose them and apply remedies in the step.
+
+    Args:
+        policy: ``"auto"`` (skip non-finite steps, clip exploding norms, decay the learning rate,
+            recommend BatchNormalization), ``"observe"`` (never changes training) or a
+            :class:`gradwatch.Policy`. Defaults to ``"auto"``.
+        every: Measure every ``every``-th optimizer step. The statistics are computed in the step
+            either way (the remedies need them); only measured steps are read by the host, so
+            other batches keep Keras' asynchronous dispatch. Defaults to 1.
+        strict: Raise gradwatch's own internal errors instead of warning once and stopping.
+            Defaults to False.
+        history: Steps of per-layer history kept for the report. Defaults to 256.
+        detectors: The detectors to run. Defaults to the built-ins plus those of plugins.
+
+    Raises:
+        ValueError: for ``every < 1`` or an unknown policy.
+
+    Attributes:
+        monitor: The :class:`gradwatch.Monitor` doing the judging.
+    """
+
+    def __init__(
+        self,
+        policy: str | Policy | None = "auto",
+        every: int = 1,
+        strict: bool = False,
+        *,
+        history: int = 256,
+        detectors: list | None = None,
+    ) -> None:
+        super().__init__()
+        if isinstance(every, bool) or not isinstance(every, (int, np.integer)) or every < 1:
+            raise ValueError(f"GradWatch needs an integer every >= 1. Received every={every!r}.")
+        self.policy_arg = policy
+        self.every = int(every)
+        self.strict = bool(strict)
+        self.history = int(history)
+        self.monitor = Monitor(
+            policy=policy, detectors=detectors, history=history, framework=f"keras/{keras.backend.backend()}"
+        )
+        self._lock = threading.Lock()
+        self._probe: StepProbe | None = None
+        self._stopped = False
+        self._count = 0
+        """Optimizer steps counted by the probe so far (continues across fits)."""
+        self._next_step = 0
+        """The first step not yet handed to the monitor."""
+        self._batches = 0
+        """Training batches run so far (continues across fits)."""
+        self._done = 0
+        """Batches whose statistics have been read (the reader may lag behind under async dispatch)."""
+        self._epoch_base = 0
+        self._fit_batches0 = 0
+        self._fit_count0 = 0
+        self._loss_scale_skips = 0
+        self._pending: Any = None
+        self._written: Any = None
+        self._epoch_norms: list[float] = []
+
+    @property
+    def async_safe(self) -> bool:
+        """Batches not measured need no host sync, so Keras may dispatch callbacks asynchronously."""
+        return True
+
+    # -- Keras hooks ---------------------------------------------------------------------------
+
+    def on_train_begin(self, logs: dict | None = None) -> None:
+        if self._stopped:
+            return
+        try:
+            model = self._model
+            optimizer = model.optimizer
+            stale = probe_of(optimizer)
+            if stale is not None:  # left behind by a fit that raised before on_train_end
+                stale.remove()
+            steps_per_execution = int(getattr(model, "steps_per_execution", 1) or 1)
+            self._probe = StepProbe(
+                model, optimizer, ring=max(16, 4 * steps_per_execution),
+                remedies=not isinstance(self.monitor.policy, ObservePolicy), strict=self.strict,
+            )
+            self._probe.install(self.monitor.controls, self._count)
+            self._written, self._pending = self.monitor.controls, None
+            self._fit_batches0, self._fit_count0, self._loss_scale_skips = self._batches, self._count, 0
+            # The train function was traced before this hook; trace it again with the probe in.
+            model.make_train_function(force=True)
+        except Exception as exc:
+            self._fail(exc)
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self._epoch_base = self._batches
+        self._epoch_norms = []
+
+    def on_train_batch_begin(self, batch: int, logs: dict | None = None) -> None:
+        # Runs on the thread that runs fit, between two steps: the only safe place to write.
+        probe = self._probe
+        if probe is None or self._stopped:
+            return
+        self._keep_up(self._epoch_base + int(batch), probe)
+        pending = self._pending
+        if pending is None or pending == self._written:
+            return
+        try:
+            probe.write_controls(pending)
+            self._written = pending
+        except Exception as exc:
+            self._fail(exc)
+
+    def _keep_up(self, started: int, probe: StepProbe) -> None:
+        """Wait before a step while the asynchronous reader lags so far behind that the ring
+        would overwrite rows it has not read (only when steps are much faster than the monitor)."""
+        room = probe.ring - 2 * probe.steps_per_execution
+        deadline = time.monotonic() + 30.0
+        while started - self._done > room and not self._stopped and time.monotonic() < deadline:
+            time.sleep(0.0002)
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        if self._stopped or self._probe is None:
+            return
+        with self._lock:
+            try:
+                if self._probe.error is not None:
+                    raise self._probe.error
+                total = self._epoch_base + int(batch) + 1
+                previous = self._batches
+                if total <= previous:
+                    return
+                self._batches = total
+                if (total - 1) // self.every != (previous - 1) // self.every:
+                    self._consume(logs)  # else no measured step among this call's steps: no host sync
+                self._done = total
+            except Exception as exc:
+                self._fail(exc)
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        finite = [x for x in self._epoch_norms if math.isfinite(x)]
+        if logs is not None and finite:
+            logs["grad_norm"] = float(np.mean(finite))
+
+    def on_train_end(self, logs: dict | None = None) -> None:
+        probe, self._probe = self._probe, None
+        if probe is None:
+            return
+        try:
+            if not self._stopped:
+                count, _ = probe.read()
+                self._note_loss_scale_skips(count)
+                self._count = count
+        except Exception as exc:
+            self._fail(exc)
+        finally:
+            probe.remove()
+            # The traced step holds the probe: the next fit must trace a clean one.
+            self._model.train_function = None
+        self.monitor.finish()
+
+    # -- reading the step ----------------------------------------------------------------------
+
+    def _consume(self, logs: dict | None) -> None:
+        probe = self._probe
+        assert probe is not None
+        count, ring = probe.read()
+        self._note_loss_scale_skips(count)
+        start = max(self._next_step, count - probe.ring)
+        newest = None
+        for step in range(start, count):
+            row = ring[step % probe.ring]
+            if int(row[COL_STEP]) != step or step % self.every:
+                continue
+            stats = self._stats(row, probe)
+            self.monitor.observe(stats, immediate=False)
+            newest = stats
+        self._next_step = max(self._next_step, count)
+        self._count = count
+        self._pending = self.monitor.controls
+        if newest is not None:
+            norm = float(newest.global_norm)
+            self._epoch_norms.append(norm)
+            if logs is not None:
+                logs["grad_norm"] = norm
+
+    def _stats(self, row: np.ndarray, probe: StepProbe) -> StepStats:
+        n, o = probe.n, len(HEAD)
+        blocks = {name: row[o + i * n: o + (i + 1) * n] for i, name in enumerate(BLOCKS)}
+        return StepStats(
+            step=int(row[COL_STEP]),
+            layout=probe.layout,
+            grad_norm=blocks["grad_norm"].astype(np.float64),
+            param_norm=blocks["param_norm"].astype(np.float64),
+            zero_fraction=blocks["zero_fraction"].astype(np.float64),
+            has_grad=blocks["has_grad"] > 0.5,
+            lr=float(row[COL_LR]),
+        )
+
+    def _note_loss_scale_skips(self, count: int) -> None:
+        """Steps the ``LossScaleOptimizer`` skipped never reach the inner optimizer's ``apply``:
+        they are the batches run minus the steps counted."""
+        model = self._model
+        if model is None or not isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer):
+            return
+        skipped = (self._batches - self._fit_batches0) - (count - self._fit_count0)
+        while self._loss_scale_skips < skipped:
+            self._loss_scale_skips += 1
+            self.monitor.note_skipped(count, "loss_scale")
+
+    def _fail(self, exc: BaseException) -> None:
+        if self.strict:
+            raise exc
+        if not self._stopped:
+            self._stopped = True
+            warnings.warn(
+                f"gradwatch hit an internal error and stopped monitoring this run ({type(exc).__name__}: "
+                f"{exc}). Training goes on unchanged from here; pass strict=True to raise instead.",
+                GradwatchWarning,
+                stacklevel=2,
+            )
+
+    # -- results and state ---------------------------------------------------------------------
+
+    def report(self) -> Report:
+        """The :class:`gradwatch.Report` of everything watched so far."""
+        return self.monitor.report()
+
+    def get_config(self) -> dict[str, Any]:
+        """The constructor arguments, JSON-friendly (``from_config`` rebuilds the callback).
+
+        Raises:
+            ValueError: for a custom policy object, which cannot be serialised.
+        """
+        policy = self.monitor.policy
+        if isinstance(policy, AutoPolicy):
+            policy_config: Any = policy.describe()
+        elif isinstance(policy, ObservePolicy):
+            policy_config = "observe"
+        else:
+            raise ValueError(
+                f"GradWatch.get_config supports the 'auto' and 'observe' policies; received a custom "
+                f"{type(policy).__name__}. Rebuild the callback with that policy instead."
+            )
+        return {"policy": policy_config, "every": self.every, "strict": self.strict, "history": self.history}
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> GradWatch:
+        """Rebuild a callback from :meth:`get_config` output."""
+        config = dict(config)
+        policy = config.pop("policy", "auto")
+        if isinstance(policy, dict):
+            params = {k: v for k, v in policy.items() if k != "name"}
+            policy = AutoPolicy(**params)
+        return cls(policy=policy, **config)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue watching a resumed run: plain Python, JSON-safe.
+
+        Save it next to the model checkpoint (``json.dump(cb.state_dict(), f)``) and hand it to
+        :meth:`load_state_dict` of a new callback before resuming ``fit``.
+
+        Returns:
+            The state.
+        """
+        return {
+            "version": STATE_VERSION,
+            "monitor": self.monitor.state_dict(),
+            "count": self._count,
+            "next_step": self._next_step,
+            "batches": self._batches,
+            "loss_scale_skips": self._loss_scale_skips,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` output: the step count, the detectors' windows and the
+        remedies in force (clip level, learning-rate factor) continue where they were.
+
+        Raises:
+            ValueError: if the state is not a GradWatch state of this version.
+        """
+        if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
+            raise ValueError(
+                f"Not a GradWatch state of version {STATE_VERSION}: received {type(state).__name__} "
+                f"with version {state.get('version') if isinstance(state, dict) else None!r}."
+            )
+        self.monitor.load_state_dict(state["monitor"])
+        self._count = int(state["count"])
+        self._next_step = int(state["next_step"])
+        self._batches = self._done = int(state["batches"])
+        self._loss_scale_skips = int(state["loss_scale_skips"])
+        self._pending = self.monitor.controls

@@ -1,0 +1,182 @@
+"""Each finding kind on a real Keras model, on every backend, and healthy models that stay silent."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+keras = pytest.importorskip("keras")
+
+from _keras_helpers import classification_data, mlp, record, regression_data  # noqa: E402
+
+from gradwatch import GradWatch  # noqa: E402
+
+SPARSE_CE = "sparse_categorical_crossentropy"
+
+
+def watch_fit(model, x, y, *, optimizer, loss, policy="observe", epochs=1, batch_size=16, **fit_kwargs):
+    model.compile(optimizer=optimizer, loss=loss, **fit_kwargs.pop("compile", {}))
+    cb = GradWatch(policy=policy, strict=True)
+    steps = record(cb)
+    history = model.fit(x, y, epochs=epochs, batch_size=batch_size, verbose=0, callbacks=[cb], **fit_kwargs)
+    return cb.report(), steps, history
+
+
+def kinds(report, severities=("warning", "error")):
+    return {f.kind for f in report.findings if f.severity in severities}
+
+
+def test_deep_sigmoid_mlp_vanishes():
+    x, y = classification_data(256, 16, 4)
+    model = mlp(16, (32,) * 12, 4, activation="sigmoid")
+    report, steps, _ = watch_fit(model, x, y, optimizer=keras.optimizers.SGD(0.01),
+                                 loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    assert kinds(report) == {"vanishing"}
+    finding = next(f for f in report.findings if f.kind == "vanishing")
+    assert finding.layers[0] == model.layers[0].name  # the first Dense layer, by its Keras name
+    assert set(finding.evidence["insert_after"]) <= {layer.name for layer in model.layers}
+
+
+def exploding_regression():
+    """Full-batch gradient descent on a linear regression with a learning rate 1.5x the stability
+    limit: the gradient norm doubles every step."""
+    x, y = regression_data(64, 8, scale=3.0)
+    with_bias = np.concatenate([x, np.ones((64, 1), "float32")], 1)
+    curvature = 2 / 64 * np.linalg.eigvalsh(with_bias.T @ with_bias).max()
+    keras.utils.set_random_seed(1)
+    model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(1)])
+    return model, np.tile(x, (60, 1)), np.tile(y, (60, 1)), float(3.0 / curvature), (x, y)
+
+
+def test_too_large_learning_rate_explodes():
+    model, x, y, lr, _ = exploding_regression()
+    report, steps, _ = watch_fit(model, x, y, optimizer=keras.optimizers.SGD(lr), loss="mse",
+                                 batch_size=64, shuffle=False)
+    exploding = [f for f in report.findings if f.kind == "exploding"]
+    assert exploding and exploding[0].severity == "error"
+    assert exploding[0].step < 20
+    assert steps[-1].global_norm > 1e10 * steps[0].global_norm  # observe left it alone
+
+
+class NormFeature(keras.layers.Layer):
+    """Appends each row's L2 norm: finite forward, NaN gradient for an all-zero row (sqrt at 0)."""
+
+    def call(self, h):
+        return keras.ops.concatenate([h, keras.ops.sqrt(keras.ops.sum(keras.ops.square(h), -1, keepdims=True))], -1)
+
+
+def test_norm_of_zero_row_gives_nonfinite_gradients_with_a_finite_loss():
+    x, y = regression_data(64, 8)
+    # One all-zero row per batch. No bias before the norm and no ReLU after it: a ReLU at 0 would
+    # zero the upstream gradient, which TensorFlow then keeps finite and PyTorch/JAX turn into NaN.
+    x[::16] = 0.0
+    keras.utils.set_random_seed(1)
+    model = keras.Sequential([
+        keras.Input((8,)),
+        keras.layers.Dense(8, use_bias=False, name="project"),
+        NormFeature(name="norm_feature"),
+        keras.layers.Dense(8, activation="tanh", name="hidden"),
+        keras.layers.Dense(1, name="head"),
+    ])
+    report, steps, history = watch_fit(model, x, y, optimizer=keras.optimizers.Adam(1e-3), loss="mse",
+                                       policy="auto", shuffle=False)
+    assert np.isfinite(history.history["loss"][-1])
+    finding = next(f for f in report.findings if f.kind == "nonfinite")
+    assert finding.evidence["origin"] == "project"
+    assert finding.evidence["finite_layers"] == ["hidden", "head"]
+    # auto skipped every poisoned step: the weights never saw the NaN
+    assert report.action_counts.get("skip_step") == len(steps) == 4
+    assert all(np.isfinite(keras.ops.convert_to_numpy(v)).all() for v in model.weights)
+
+
+def test_negative_bias_relu_has_dead_units():
+    x, y = regression_data(256, 8)
+    keras.utils.set_random_seed(1)
+    model = keras.Sequential([
+        keras.Input((8,)),
+        keras.layers.Dense(32, activation="relu", bias_initializer=keras.initializers.Constant(-10.0), name="dead"),
+        keras.layers.Dense(32, activation="relu", bias_initializer=keras.initializers.Constant(0.1), name="alive"),
+        keras.layers.Dense(1),
+    ])
+    report, _, _ = watch_fit(model, x, y, optimizer=keras.optimizers.Adam(1e-3), loss="mse")
+    assert kinds(report) == {"dead_units"}
+    finding = next(f for f in report.findings if f.kind == "dead_units")
+    assert finding.layers == ("dead",)
+    assert finding.evidence["dead_fraction"]["dead"] == 1.0
+
+
+# -- healthy models stay silent -----------------------------------------------------------------
+
+
+def assert_silent(report):
+    assert report.healthy, report.summary()
+    assert kinds(report, ("info", "warning", "error")) == set(), report.summary()
+    assert not report.action_counts, report.summary()
+
+
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_relu_mlp_with_adam_is_silent(jit_compile):
+    x, y = classification_data(512, 16, 4)
+    report, steps, _ = watch_fit(mlp(16, (32, 32, 32), 4), x, y, optimizer=keras.optimizers.Adam(1e-3),
+                                 loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                                 policy="auto", epochs=2, compile={"jit_compile": jit_compile})
+    assert len(steps) == 64
+    assert_silent(report)
+
+
+def test_cnn_with_batchnorm_is_silent():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(128, 8, 8, 1)).astype("float32")
+    y = (x.mean(axis=(1, 2, 3)) > 0).astype("int32")
+    keras.utils.set_random_seed(1)
+    model = keras.Sequential([
+        keras.Input((8, 8, 1)),
+        keras.layers.Conv2D(8, 3, padding="same"),
+        keras.layers.BatchNormalization(),
+        keras.layers.ReLU(),
+        keras.layers.Conv2D(8, 3, padding="same"),
+        keras.layers.BatchNormalization(),
+        keras.layers.ReLU(),
+        keras.layers.GlobalAveragePooling2D(),
+        keras.layers.Dense(2),
+    ])
+    report, steps, _ = watch_fit(model, x, y, optimizer=keras.optimizers.Adam(1e-3),
+                                 loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                                 policy="auto", epochs=2)
+    assert_silent(report)
+    roles = dict(zip(steps[0].layout.names, steps[0].layout.roles))
+    assert sorted(set(roles.values())) == ["bias", "norm", "weight"]
+
+
+def test_lstm_with_global_clipnorm_is_silent():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(128, 6, 4)).astype("float32")
+    y = x[:, :, 0].sum(axis=1, keepdims=True).astype("float32")
+    keras.utils.set_random_seed(1)
+    model = keras.Sequential([keras.Input((6, 4)), keras.layers.LSTM(8, name="lstm"), keras.layers.Dense(1)])
+    report, steps, _ = watch_fit(model, x, y, optimizer=keras.optimizers.Adam(1e-2, global_clipnorm=1.0),
+                                 loss="mse", policy="auto", epochs=2)
+    assert_silent(report)
+    assert steps[0].layout.layers[:3] == ("lstm", "lstm", "lstm")  # the cell's variables belong to the LSTM
+    assert steps[0].global_norm > 1.0  # measured before the optimizer's own clipping
+
+
+def test_converging_logistic_regression_is_silent():
+    x, y = classification_data(512, 8, 2)
+    keras.utils.set_random_seed(1)
+    model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(1, activation="sigmoid")])
+    report, steps, history = watch_fit(model, x, y.astype("float32"), optimizer=keras.optimizers.SGD(0.5),
+                                       loss="binary_crossentropy", policy="auto", epochs=4)
+    assert history.history["loss"][-1] < history.history["loss"][0]
+    assert_silent(report)
+
+
+def test_frozen_layers_are_left_out_and_silent():
+    x, y = classification_data(256, 16, 4)
+    model = mlp(16, (32, 32, 32), 4)
+    model.layers[0].trainable = False
+    report, steps, _ = watch_fit(model, x, y, optimizer=keras.optimizers.Adam(1e-3),
+                                 loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), policy="auto")
+    assert_silent(report)
+    assert model.layers[0].name not in steps[0].layout.layers
+    assert len(steps[0].layout) == 6
