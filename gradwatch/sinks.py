@@ -469,7 +469,8 @@ class LoggingSink(Sink):
     """Findings, actions and the report through Python's :mod:`logging`.
 
     Findings log at their severity (``info`` / ``warning`` / ``error``), actions at INFO
-    (``skip_step`` and ``rollback`` at WARNING), the final report at INFO when healthy and WARNING
+    (``skip_step`` and ``rollback`` at WARNING; repeats of a ``clip``, which a standing clip level
+    makes on every step it binds, at DEBUG), the final report at INFO when healthy and WARNING
     otherwise, and step lines (global norm, loss, LR factor) at DEBUG every ``every`` steps.
 
     Args:
@@ -482,6 +483,7 @@ class LoggingSink(Sink):
         super().__init__(**kwargs)
         self.logger = logging.getLogger(logger) if isinstance(logger, str) else logger
         self.step_level = step_level
+        self._clipped = False
 
     def write_step(self, stats: StepStats, decision: Decision, monitor: Monitor) -> None:
         if not self.logger.isEnabledFor(self.step_level):
@@ -497,7 +499,13 @@ class LoggingSink(Sink):
         self.logger.log(_LEVELS.get(finding.severity, logging.WARNING), "gradwatch: %s", finding)
 
     def write_action(self, action: Action, monitor: Monitor) -> None:
-        level = logging.WARNING if action.kind in ("skip_step", "rollback") else logging.INFO
+        if action.kind in ("skip_step", "rollback"):
+            level = logging.WARNING
+        elif action.kind == "clip":
+            level = logging.DEBUG if self._clipped else logging.INFO
+            self._clipped = True
+        else:
+            level = logging.INFO
         self.logger.log(level, "gradwatch: %s", action)
 
     def write_report(self, report: Report, monitor: Monitor | None) -> None:
