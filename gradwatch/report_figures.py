@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import math
+import os
 from os import PathLike
 from typing import TYPE_CHECKING, Any
 
@@ -51,9 +52,21 @@ def _matplotlib() -> Any:
 
 
 def _short(name: str, width: int = 36) -> str:
-    """A layer name for a tick label: printable, and elided in the middle when long."""
+    """A layer name for a tick label: printable, and cut at the front when long (the end of a
+    module path is its most specific part: ``…layers.7.attention.q_proj``)."""
     name = "".join(c if c.isprintable() else "?" for c in name)
-    return name if len(name) <= width else name[: width // 2 - 1] + "…" + name[-(width // 2 - 1):]
+    return name if len(name) <= width else "…" + name[-(width - 1):]
+
+
+def _common_prefix(names: list[str]) -> str:
+    """The module path all layers share (``"transformer.encoder."``), if long enough to be worth
+    writing once instead of on every label."""
+    if len(names) < 2:
+        return ""
+    prefix = os.path.commonprefix(names)
+    cut = max(prefix.rfind("."), prefix.rfind("/"))
+    prefix = prefix[: cut + 1] if cut >= 0 else ""
+    return prefix if len(prefix) >= 8 and all(len(n) > len(prefix) for n in names) else ""
 
 
 def _history(report: Report) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -135,9 +148,10 @@ def heatmap_figure(report: Report, *, width: float = 11.0, title: bool = True) -
         ax.set_ylim(len(names) - 0.5, -0.5)
         every = max(1, math.ceil(len(names) / 60))
         ticks = list(range(0, len(names), every))
-        ax.set_yticks(ticks, [_short(names[i]) for i in ticks], fontsize=9 if len(names) < 30 else 7)
+        prefix = _common_prefix(names)
+        ax.set_yticks(ticks, [_short(names[i][len(prefix):]) for i in ticks], fontsize=9 if len(names) < 30 else 7)
         ax.set_xlabel("optimizer step")
-        ax.set_ylabel("layer (input at the top)")
+        ax.set_ylabel(f"layer in {_short(prefix, 40)}… (input at the top)" if prefix else "layer (input at the top)")
         for f in report.findings:
             if steps[0] <= f.step <= steps[-1] and f.severity != "info":
                 ax.axvline(f.step, color=SEVERITY_COLOR[f.severity], lw=1.0, ls="--", alpha=0.9)

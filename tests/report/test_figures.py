@@ -37,3 +37,17 @@ def test_layer_names_are_not_mathtext(odd_report):
 def test_unknown_kind_is_rejected(make_report):
     with pytest.raises(ValueError, match="kind must be one of"):
         make_report("healthy", steps=5).plot("histogram")
+
+
+def test_long_module_paths_keep_their_specific_end():
+    from gradwatch import Layout, Monitor, StepStats
+
+    names = [f"transformer.encoder.layers.{b}.attention.{p}.weight" for b in range(12) for p in ("q_proj", "v_proj")]
+    layout = Layout.from_names(names, numel=[16] * len(names))
+    monitor = Monitor(policy="observe")
+    for step in range(5):
+        monitor.observe(StepStats(step=step, layout=layout, grad_norm=[0.1] * len(names), param_norm=[1.0] * len(names)))
+    ax = monitor.report().plot("heatmap").axes[0]
+    labels = [t.get_text() for t in ax.get_yticklabels()]
+    assert labels[:3] == ["0.attention.q_proj", "0.attention.v_proj", "1.attention.q_proj"]
+    assert ax.get_ylabel() == "layer in transformer.encoder.layers.… (input at the top)"

@@ -56,3 +56,24 @@ def test_a_report_read_back_from_json_renders_the_same_figures(make_report):
 def test_empty_report_renders():
     html = Report(healthy=True).to_html()
     assert len(images(html)) == 2 and "No layers measured" in html
+
+
+def test_a_pytorch_run_renders_its_report_at_the_end_of_training(tmp_path):
+    torch = pytest.importorskip("torch")
+    import gradwatch
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    with gradwatch.watch(model, optimizer) as watch:
+        for _ in range(12):
+            optimizer.zero_grad()
+            loss = torch.nn.functional.mse_loss(model(torch.randn(16, 4)), torch.randn(16, 1))
+            loss.backward()
+            watch.record_loss(loss)
+            optimizer.step()
+    report = watch.report()
+    html = report.to_html(title="end of training")
+    assert len(images(html)) == 2 and ">HEALTHY<" in html and "<code>0</code>" in html
+    report.plot("heatmap", path=tmp_path / "heatmap.png")
+    assert (tmp_path / "heatmap.png").stat().st_size > 1000
