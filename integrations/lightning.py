@@ -285,9 +285,9 @@ class GradWatch(pl.Callback):
                         param_norms=self.param_norms)
         if not bool(stats.has_grad.any()):
             return  # training_step returned None: Lightning skips backward, nothing to judge
-        if scaler is not None and not stats.finite:
+        if scaler is not None and not stats.finite and (stats.loss is None or math.isfinite(stats.loss)):
             # The scaled gradients overflowed: GradScaler skips this step on its own and lowers the
-            # scale. Routine under fp16, not an explosion.
+            # scale. Routine under fp16, not an explosion. (A NaN loss is judged as usual.)
             self.monitor.note_skipped(step, "grad_scaler")
             return
         decision = self.monitor.observe(stats, immediate=True, can_rollback=False)

@@ -305,6 +305,11 @@ class GradWatchCallback(TrainerCallback, ExportableState):
             self.micro_batches += len(losses)
             if stats.loss is not None and not math.isfinite(stats.loss):
                 self._count_nonfinite(losses, args, step)
+        if getattr(optimizer, "scaler", None) is not None and not stats.finite and _finite_or_unknown(stats.loss):
+            # fp16: the scaled gradients overflowed. The GradScaler skips this step on its own and
+            # lowers the scale; routine, not an explosion. (A NaN loss is judged as usual.)
+            self.monitor.note_skipped(step, "grad_scaler")
+            return
         decision = self.monitor.observe(stats, immediate=True, can_rollback=False)
         if decision.skip:
             apply_decision(decision, tp.params)
@@ -378,3 +383,7 @@ class GradWatchCallback(TrainerCallback, ExportableState):
                     ),
                     stacklevel=3,
                 )
+
+
+def _finite_or_unknown(loss: float | None) -> bool:
+    return loss is None or math.isfinite(loss)

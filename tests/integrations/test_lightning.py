@@ -154,14 +154,24 @@ def test_bf16_autocast_on_cpu_measures_every_step():
     assert all(math.isfinite(v) and v > 0 for v in report.history["global_norm"])
 
 
+def fp16_scaler(init_scale: float = 2.0**10):
+    """fp16 autocast with a real GradScaler on the CPU (Trainer(precision="16-mixed") on the CPU
+    silently switches to bf16, which has no scaler)."""
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    return MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=init_scale))
+
+
 def test_fused_optimizer_under_fp16_grad_scaler_is_measured_unscaled():
     plain_gw, fused_gw = GradWatch(policy="observe"), GradWatch(policy="observe")
-    fit(Module(mlp(), lr=1e-3, opt="adam"), regression(), 3, [plain_gw], precision="16-mixed")
-    fit(Module(mlp(), lr=1e-3, opt="adam", fused=True), regression(), 3, [fused_gw], precision="16-mixed")
+    fit(Module(mlp(), lr=1e-3, opt="adam"), regression(), 3, [plain_gw], plugins=[fp16_scaler()])
+    fit(Module(mlp(), lr=1e-3, opt="adam", fused=True), regression(), 3, [fused_gw], plugins=[fp16_scaler()])
     plain, fused = plain_gw.report().history, fused_gw.report().history
-    assert len(fused["global_norm"]) == len(plain["global_norm"]) >= 1
-    # The fused optimizer's gradients are still multiplied by the loss scale (65536) in the hook.
-    assert fused["global_norm"][0] == pytest.approx(plain["global_norm"][0], rel=1e-3)
+    assert len(fused["global_norm"]) == len(plain["global_norm"]) == 3
+    # The fused optimizer's gradients are still multiplied by the loss scale (1024) in the hook;
+    # the other's were unscaled by Lightning before it.
+    assert fused["global_norm"] == pytest.approx(plain["global_norm"], rel=1e-3)
+    assert 0.01 < plain["global_norm"][0] < 100
 
 
 def test_gradient_accumulation_measures_once_per_optimizer_step():
@@ -234,3 +244,22 @@ def test_sinks_attached_to_the_callback(tmp_path):
     assert [r["step"] for r in read_jsonl(tmp_path / "a.jsonl") if r["event"] == "step"] == [0, 2, 4]
     with pytest.raises(ValueError, match="every must be an int >= 1"):
         GradWatch(every=0)
+
+
+class LoudModule(Module):
+    """Its loss is large enough that fp16 gradients scaled by GradScaler's initial 65536 overflow."""
+
+    def training_step(self, batch, batch_idx):
+        return super().training_step(batch, batch_idx) * 1e4
+
+
+def test_fp16_grad_scaler_overflows_are_counted_as_skipped_not_findings():
+    gw = GradWatch()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit(LoudModule(mlp(), lr=1e-6, opt="adam"), regression(), 12, [gw],
+            plugins=[fp16_scaler(init_scale=2.0**16)])
+    report = gw.report()
+    assert report.skipped_steps >= 1 and report.steps_measured + report.skipped_steps == 12
+    assert report.healthy and "nonfinite" not in report.finding_counts
+    assert not [w for w in caught if "gradwatch" in str(w.message)]
