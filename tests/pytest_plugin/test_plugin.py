@@ -9,6 +9,10 @@ import sys
 
 import pytest
 
+# Here and not in a conftest.py: pytest refuses pytest_plugins in a conftest below the rootdir
+# when the whole tests/ tree is collected.
+pytest_plugins = ["pytester"]
+
 STATS_TESTS = '''
 import pytest
 from gradwatch import CheckSpec
