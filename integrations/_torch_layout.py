@@ -54,7 +54,8 @@ class TorchParams:
     Attributes:
         layout: The core's :class:`gradwatch.Layout`, one entry per parameter, forward order.
         params: The parameters, in the same order.
-        signature: What the set was built from (parameter ids); :meth:`stale` compares against it.
+        signature: What the set was built from (:func:`optimizer_signature`); :meth:`stale`
+            compares against it.
         unit_rows: Per parameter, True when gradwatch counts its exactly-zero output rows
             (dead units): tensors of role ``weight`` with two or more dimensions.
     """
@@ -89,8 +90,11 @@ def optimizer_params(optimizers: Sequence[torch.optim.Optimizer]) -> list[torch.
 
 
 def optimizer_signature(optimizers: Sequence[torch.optim.Optimizer]) -> tuple[int, ...]:
-    """The ids of the optimizers' parameters, in order: changes when a param group is added."""
-    return tuple(id(p) for opt in optimizers for group in opt.param_groups for p in group["params"])
+    """Identity and length of every param group's parameter list: changes when a group is added
+    or a group's list is replaced or grown. Cheap enough to check every step."""
+    return tuple(
+        x for opt in optimizers for group in opt.param_groups for x in (id(group["params"]), len(group["params"]))
+    )
 
 
 def param_role(module: nn.Module, param_name: str, param: torch.Tensor) -> str:

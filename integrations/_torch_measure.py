@@ -4,9 +4,10 @@
 
 * weight tensors (two or more dimensions): the L2 norm of each output row (unit) with
   ``torch.linalg.vector_norm(g.flatten(1), dim=1)``. The tensor's norm is the norm of its row norms
-  (one ``_foreach_norm``), and its dead units are the rows whose norm is exactly 0 (one
-  ``index_add_`` over all weight tensors). One read of the gradient gives both: counting zero rows
-  tensor by tensor with ``(g == 0).all(1)`` would cost about 10x more.
+  (one ``_foreach_norm``), and its dead units are the rows whose norm is exactly 0, counted by the
+  L0 "norm" (number of non-zeros) of the row norms (one more ``_foreach_norm``, on a few KB). One
+  read of the gradient gives both: counting zero rows tensor by tensor with ``(g == 0).all(1)``
+  costs about 10x more.
 * other dense tensors (biases, normalisation scales, embeddings): one ``torch._foreach_norm``.
 * sparse gradients (``nn.Embedding(sparse=True)``): coalesced, the norm of the values.
 * fp16/bf16 gradients and parameters: norms accumulated in float32.
@@ -53,25 +54,18 @@ def _norms(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
 
 
 def _row_norms(g: torch.Tensor) -> torch.Tensor:
-    flat = g.reshape(g.shape[0], -1)
+    flat = g if g.dim() == 2 else g.reshape(g.shape[0], -1)
     if g.dtype in LOW_PRECISION:
         return torch.linalg.vector_norm(flat, dim=1, dtype=torch.float32)
     return torch.linalg.vector_norm(flat, dim=1)
 
 
-def _segments(tp: TorchParams, lengths: tuple[int, ...], device: torch.device) -> torch.Tensor:
-    """The row-to-tensor index for ``index_add_``, cached per presence pattern and device."""
-    cache: dict[Any, torch.Tensor] = tp.__dict__.setdefault("_segment_cache", {})
-    key = (lengths, str(device))
-    seg = cache.get(key)
-    if seg is None:
-        if len(cache) > 16:
-            cache.clear()
-        seg = torch.repeat_interleave(
-            torch.arange(len(lengths), device=device), torch.tensor(lengths, device=device)
-        )
-        cache[key] = seg
-    return seg
+def _stack(scalars: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """One 1-D tensor of 0-d tensors: a single ``torch.stack`` in the common case (same device)."""
+    try:
+        return torch.stack(scalars)
+    except RuntimeError:  # several devices (model parallel) or odd shapes
+        return torch.cat([_to(t, device) for t in scalars])
 
 
 def _to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -81,6 +75,51 @@ def _to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t if t.device == device else t.to(device)
 
 
+class _Plan:
+    """How to reduce one presence pattern of gradients (cached: it rarely changes)."""
+
+    __slots__ = ("has_grad", "order", "present", "rows", "row_idx", "flat_idx", "sparse_idx", "low_flat",
+                 "low_params", "row_at", "rest_at", "present_at")
+
+    def __init__(self, tp: TorchParams, grads: list[torch.Tensor | None], present: tuple[int, ...]) -> None:
+        params = tp.params
+        self.present = list(present)
+        self.has_grad = np.zeros(len(params), dtype=bool)
+        self.has_grad[self.present] = True
+        self.row_idx: list[int] = []
+        self.flat_idx: list[int] = []
+        self.sparse_idx: list[int] = []
+        for i in present:
+            g = grads[i]
+            assert g is not None
+            if g.is_sparse:
+                self.sparse_idx.append(i)
+            elif tp.unit_rows[i] and g.dim() >= 2 and g.shape[0] > 0:
+                self.row_idx.append(i)
+            else:
+                self.flat_idx.append(i)
+        self.order = self.row_idx + self.flat_idx + self.sparse_idx
+        self.rows = np.array([params[i].shape[0] for i in self.row_idx], dtype=np.float64)
+        self.low_flat = any(grads[i].dtype in LOW_PRECISION for i in self.flat_idx)  # type: ignore[union-attr]
+        self.low_params = any(params[i].dtype in LOW_PRECISION for i in self.present)
+        self.row_at = np.array(self.row_idx, dtype=np.intp)
+        self.rest_at = np.array(self.flat_idx + self.sparse_idx, dtype=np.intp)
+        self.present_at = np.array(self.present, dtype=np.intp)
+
+
+def _plan(tp: TorchParams, grads: list[torch.Tensor | None]) -> _Plan:
+    present = tuple(i for i, g in enumerate(grads) if g is not None)
+    sparse = tuple(i for i in present if grads[i].is_sparse)  # type: ignore[union-attr]
+    cache: dict[Any, _Plan] = tp.__dict__.setdefault("_plans", {})
+    key = (present, sparse)
+    plan = cache.get(key)
+    if plan is None:
+        if len(cache) > 32:
+            cache.clear()
+        plan = cache[key] = _Plan(tp, grads, present)
+    return plan
+
+
 def measure_tensors(
     tp: TorchParams,
     step: int,
@@ -88,7 +127,7 @@ def measure_tensors(
     loss: torch.Tensor | float | None = None,
     lr: float | None = None,
     grad_scale: torch.Tensor | float | None = None,
-    param_norms: bool = True,
+    param_norms: bool | np.ndarray = True,
     extras: Sequence[torch.Tensor] = (),
 ) -> tuple[StepStats, list[float]]:
     """:func:`measure`, also moving ``extras`` (0-d tensors) to the host in the same transfer.
@@ -99,88 +138,87 @@ def measure_tensors(
     params = tp.params
     n = len(params)
     grads: list[torch.Tensor | None] = [p.grad for p in params]
-    has_grad = np.array([g is not None for g in grads], dtype=bool)
-    present = np.flatnonzero(has_grad).tolist()
+    plan = _plan(tp, grads)
+    present = plan.present
+    fresh_params = param_norms is True
     device = params[present[0]].device if present else params[0].device
-
-    row_idx: list[int] = []
-    flat_idx: list[int] = []
-    sparse_idx: list[int] = []
-    for i in present:
-        g = grads[i]
-        assert g is not None
-        if g.is_sparse:
-            sparse_idx.append(i)
-        elif tp.unit_rows[i] and g.dim() >= 2 and g.shape[0] > 0:
-            row_idx.append(i)
-        else:
-            flat_idx.append(i)
-
-    parts: list[torch.Tensor] = []
     with torch.no_grad():
-        rows = [_row_norms(grads[i]) for i in row_idx]  # type: ignore[arg-type]
-        row_norms = list(torch._foreach_norm(rows)) if rows else []
-        flat_norms = _norms([grads[i] for i in flat_idx])  # type: ignore[misc]
-        sparse_norms = []
-        for i in sparse_idx:
+        scalars: list[torch.Tensor] = []
+        if plan.row_idx:
+            # One read of each weight gradient: the L2 norm of every output row (unit). The
+            # tensor's norm is the norm of its row norms; its dead units are the rows whose norm
+            # is exactly 0, counted by the L0 "norm" (number of non-zeros) of the row norms.
+            rows = [_row_norms(grads[i]) for i in plan.row_idx]  # type: ignore[arg-type]
+            scalars += torch._foreach_norm(rows)
+            scalars += torch._foreach_norm(rows, 0)
+            del rows
+        flat = [grads[i] for i in plan.flat_idx]
+        if flat:
+            scalars += _norms(flat) if plan.low_flat else torch._foreach_norm(flat)  # type: ignore[arg-type]
+        del flat
+        for i in plan.sparse_idx:
             values = grads[i].coalesce().values()  # type: ignore[union-attr]
             kwargs = {"dtype": torch.float32} if values.dtype in LOW_PRECISION else {}
-            sparse_norms.append(torch.linalg.vector_norm(values, **kwargs))
-        order = row_idx + flat_idx + sparse_idx
-        norm_list = row_norms + flat_norms + sparse_norms
-        grad_norm_dev = torch.stack([_to(t, device) for t in norm_list]).reshape(-1) if norm_list else None
-        if grad_norm_dev is not None and grad_scale is not None:
-            scale = grad_scale if not isinstance(grad_scale, torch.Tensor) else _to(grad_scale, device)
-            grad_norm_dev = grad_norm_dev / scale
-        if grad_norm_dev is not None:
-            parts.append(grad_norm_dev)
-        if rows:
-            lengths = tuple(int(r.shape[0]) for r in rows)
-            cat = torch.cat([_to(r, device) for r in rows])
-            seg = _segments(tp, lengths, device)
-            zeros = torch.zeros(len(rows), device=device).index_add_(0, seg, (cat == 0).float())
-            parts.append(zeros)
-        if param_norms and present:
-            pn = _norms([params[i].detach() for i in present])
-            parts.append(torch.stack([_to(t, device) for t in pn]).reshape(-1))
-        tail: list[torch.Tensor] = []
-        loss_on_device = isinstance(loss, torch.Tensor)
+            scalars.append(torch.linalg.vector_norm(values, **kwargs))
+        if fresh_params and present:
+            weights = [params[i].detach() for i in present]
+            scalars += _norms(weights) if plan.low_params else torch._foreach_norm(weights)
+        tensor_loss = isinstance(loss, torch.Tensor)
         if isinstance(loss, torch.Tensor):
-            tail.append(_to(loss.detach(), device).reshape(-1)[:1])
-        tail += [_to(torch.as_tensor(e), device).reshape(-1)[:1] for e in extras]
-        parts += tail
-        host = torch.cat(parts).cpu().numpy().astype(np.float64) if parts else np.zeros(0)
-    del grads, rows
+            scalars.append(loss.detach())
+        tensor_scale = isinstance(grad_scale, torch.Tensor)
+        if isinstance(grad_scale, torch.Tensor):
+            scalars.append(grad_scale)
+        scalars += [torch.as_tensor(e) for e in extras]
+        host = _stack(scalars, device).cpu().numpy().astype(np.float64) if scalars else np.zeros(0)
+    del grads, scalars
 
-    k = len(order)
+    n_rows = len(plan.row_idx)
     grad_norm = np.full(n, np.nan)
-    grad_norm[order] = host[:k]
-    pos = k
     zero_fraction = np.full(n, np.nan)
-    if row_idx:
-        counts = host[pos:pos + len(row_idx)]
-        pos += len(row_idx)
-        for j, i in enumerate(row_idx):
-            zero_fraction[i] = counts[j] / params[i].shape[0]
-    param_norm = None
-    if param_norms:
+    pos = 0
+    if n_rows:
+        grad_norm[plan.row_at] = host[:n_rows]
+        zero_fraction[plan.row_at] = 1.0 - host[n_rows:2 * n_rows] / plan.rows
+        pos = 2 * n_rows
+    n_rest = len(plan.rest_at)
+    grad_norm[plan.rest_at] = host[pos:pos + n_rest]
+    pos += n_rest
+    param_norm: np.ndarray | None = None
+    if fresh_params:
         param_norm = np.full(n, np.nan)
-        if present:
-            param_norm[present] = host[pos:pos + len(present)]
-            pos += len(present)
-    tail_values = host[pos:].tolist()
-    loss_value: float | None
-    if loss_on_device:
-        loss_value = tail_values.pop(0)
-    elif loss is None:
-        loss_value = None
-    else:
-        loss_value = float(loss)
+        param_norm[plan.present_at] = host[pos:pos + len(present)]
+        pos += len(present)
+    elif isinstance(param_norms, np.ndarray):
+        param_norm = param_norms
+    values = host[pos:].tolist()
+    loss_value: float | None = None
+    if tensor_loss:
+        loss_value = values.pop(0)
+    elif loss is not None:
+        loss_value = float(loss)  # type: ignore[arg-type]
+    scale_value: float | None = None
+    if tensor_scale:
+        scale_value = values.pop(0)
+    elif grad_scale is not None:
+        scale_value = float(grad_scale)  # type: ignore[arg-type]
+    if scale_value is not None:
+        grad_norm /= scale_value
+    tail_values = values
 
     nonfinite = np.zeros(n, dtype=np.int64)
-    bad = [i for i in present if not math.isfinite(grad_norm[i])]
-    if bad:
-        _count_nonfinite(tp, bad, grad_norm, nonfinite, grad_scale)
+    finite = math.isfinite(float(np.sum(grad_norm[plan.present_at]))) if present else True
+    if not finite or (loss_value is not None and not math.isfinite(loss_value)):
+        # The rare path: count non-finite values, and measure the parameters now whatever the
+        # caller asked, so that non-finite parameters are seen (a rollback needs to know).
+        bad = [i for i in present if not math.isfinite(grad_norm[i])]
+        if bad:
+            _count_nonfinite(tp, bad, grad_norm, nonfinite, scale_value)
+        if not fresh_params and param_norms is not False and present:
+            with torch.no_grad():
+                now = torch.stack(_norms([params[i].detach() for i in present])).cpu().numpy()
+            param_norm = np.full(n, np.nan) if param_norm is None else param_norm.copy()
+            param_norm[present] = now
     stats = StepStats(
         step=step,
         layout=tp.layout,
@@ -188,7 +226,7 @@ def measure_tensors(
         param_norm=param_norm,
         nonfinite=nonfinite,
         zero_fraction=zero_fraction,
-        has_grad=has_grad,
+        has_grad=plan.has_grad.copy(),
         loss=loss_value,
         lr=lr,
     )
@@ -200,7 +238,7 @@ def _count_nonfinite(
     bad: list[int],
     grad_norm: np.ndarray,
     nonfinite: np.ndarray,
-    grad_scale: torch.Tensor | float | None,
+    scale: float | None,
 ) -> None:
     """The rare path: count non-finite elements where a norm is non-finite; recompute in float64
     the norms that only overflowed float32."""
@@ -219,8 +257,7 @@ def _count_nonfinite(
                 assert g is not None
                 values = g.coalesce().values() if g.is_sparse else g
                 norm = float(torch.linalg.vector_norm(values.double()).cpu())
-                scale = float(grad_scale) if grad_scale is not None else 1.0
-                grad_norm[i] = norm / scale
+                grad_norm[i] = norm / (scale if scale is not None else 1.0)
 
 
 def measure(
@@ -230,7 +267,7 @@ def measure(
     loss: torch.Tensor | float | None = None,
     lr: float | None = None,
     grad_scale: torch.Tensor | float | None = None,
-    param_norms: bool = True,
+    param_norms: bool | np.ndarray = True,
 ) -> StepStats:
     """Measure the gradients of ``tp.params`` as they are now, in one host transfer.
 
@@ -244,8 +281,10 @@ def measure(
         lr: The learning rate in force, for the record. Defaults to None.
         grad_scale: Divide the gradient norms by this loss scale, for gradients that are still
             scaled (fused optimizers under ``GradScaler``). Defaults to None (unscaled).
-        param_norms: Also measure parameter norms (needed by the vanishing detector and to spot
-            non-finite parameters). Defaults to True.
+        param_norms: True: measure the parameter norms (the vanishing detector compares
+            ``||g|| / ||W||``; non-finite parameters call for a rollback). False: do not. An array
+            (one value per tensor, from an earlier step): use it as they are, except on a step with
+            a non-finite gradient or loss, where they are measured anyway. Defaults to True.
 
     Returns:
         The step's statistics.

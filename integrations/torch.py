@@ -44,6 +44,8 @@ import warnings
 from collections.abc import Iterable
 from typing import Any
 
+import numpy as np
+
 from gradwatch.errors import GradwatchWarning, require
 
 torch = require("torch", "torch")
@@ -89,7 +91,7 @@ class Watch:
         strict: bool = False,
         names: LayerNames = None,
         rollback_every: int | None = None,
-        param_norms: bool = True,
+        param_norm_every: int = 10,
         monitor: Monitor | None = None,
     ) -> None:
         if isinstance(optimizer, torch.optim.Optimizer):
@@ -110,6 +112,11 @@ class Watch:
                 "rollback_every must be None (no snapshots) or an int >= 1 (healthy steps between "
                 f"snapshots). Received rollback_every={rollback_every!r}."
             )
+        if not isinstance(param_norm_every, int) or param_norm_every < 0:
+            raise ValueError(
+                "param_norm_every must be an int >= 0 (0: never measure parameter norms). "
+                f"Received param_norm_every={param_norm_every!r}."
+            )
         if scaler is not None and not hasattr(scaler, "_per_optimizer_states"):
             raise TypeError(f"scaler must be a torch.amp.GradScaler. Received {type(scaler).__name__}.")
         self.model = model
@@ -119,7 +126,9 @@ class Watch:
         self.strict = strict
         self.names = names
         self.rollback_every = rollback_every
-        self.param_norms = param_norms
+        self.param_norm_every = param_norm_every
+        self._param_norm: Any = None  # the last measured parameter norms (numpy), reused in between
+        self._measured = 0
         self.scaler = scaler
         self.params: TorchParams = build_layout(model, optimizers, names=names)
         self.step = 0
@@ -162,7 +171,12 @@ class Watch:
         if not self._active:
             return
         try:
-            value = loss.detach().float().reshape(-1)[0] if isinstance(loss, torch.Tensor) else float(loss)
+            if isinstance(loss, torch.Tensor):
+                value = loss.detach()
+                if value.dim() != 0 or value.dtype != torch.float32:
+                    value = value.float().reshape(-1)[0]
+            else:
+                value = float(loss)
             self._loss = value if self._loss is None else self._loss + value
             self._loss_count += 1
         except Exception as exc:  # never break training
@@ -214,14 +228,18 @@ class Watch:
         self.remove()
 
     def state_dict(self) -> dict[str, Any]:
-        """The watch's state for a checkpoint: the monitor (history, findings, remedy state) and
-        the step count. Plain Python values. The rollback snapshot is not included.
+        """The watch's state for a checkpoint: the monitor (history, findings, remedy state), the
+        step counts and the last parameter norms. Plain Python values (safe for
+        ``torch.save(..., weights_only=True)``). The rollback snapshot is not included.
 
         Returns:
             The state.
         """
-        return {"monitor": self.monitor.state_dict(), "step": self.step, "every": self.every,
-                "healthy_since_snapshot": self._healthy_since_snapshot}
+        return {
+            "monitor": self.monitor.state_dict(), "step": self.step, "every": self.every,
+            "measured": self._measured, "healthy_since_snapshot": self._healthy_since_snapshot,
+            "param_norm": None if self._param_norm is None else [float(x) for x in self._param_norm],
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue a run from :meth:`state_dict`: same history, same remedy state (clip level,
@@ -242,6 +260,9 @@ class Watch:
         self.monitor.load_state_dict(state["monitor"])
         self.step = int(state["step"])
         self._healthy_since_snapshot = int(state.get("healthy_since_snapshot", 0))
+        self._measured = int(state.get("measured", 0))
+        saved = state.get("param_norm")
+        self._param_norm = None if saved is None else np.array(saved, dtype=np.float64)
         if self.monitor.layout is not None and self.monitor.layout == self.params.layout:
             self.params.layout = self.monitor.layout  # the same object: no comparison per step
 
@@ -323,13 +344,29 @@ class Watch:
             loss = loss / count
         stats = measure(
             self.params, step, loss=loss, lr=self._lr.effective_lr(self.optimizers[0], controls.lr_factor),
-            grad_scale=grad_scale, param_norms=self.param_norms,
+            grad_scale=grad_scale, param_norms=self._param_norms_now(),
         )
+        self._measured += 1
+        if stats.params_measured:
+            self._param_norm = stats.param_norm
         can_rollback = self._snapshot is not None and self._snapshot.taken
         decision: Decision = self.monitor.observe(stats, immediate=True, can_rollback=can_rollback)
         apply_decision(decision, params, grad_scale=grad_scale, snapshot=self._snapshot)
         if self.rollback_every is not None:
             self._maybe_snapshot(step, stats, decision)
+
+    def _param_norms_now(self) -> Any:
+        """True to measure parameter norms on this step, else the last values (or False)."""
+        if self.param_norm_every == 0:
+            return False
+        snapshot_due = self.rollback_every is not None and (
+            self._snapshot is None or not self._snapshot.taken
+            or self._healthy_since_snapshot + 1 >= self.rollback_every
+        )
+        stale = self._param_norm is None or len(self._param_norm) != len(self.params)
+        if stale or snapshot_due or self._measured % self.param_norm_every == 0:
+            return True
+        return self._param_norm
 
     def _maybe_snapshot(self, step: int, stats: Any, decision: Decision) -> None:
         healthy = (
@@ -379,7 +416,7 @@ def watch(
     strict: bool = False,
     names: LayerNames = None,
     rollback_every: int | None = None,
-    param_norms: bool = True,
+    param_norm_every: int = 10,
     monitor: Monitor | None = None,
 ) -> Watch:
     """Watch the gradients of ``model`` as ``optimizer`` trains it, and apply remedies.
@@ -405,8 +442,11 @@ def watch(
         rollback_every: Keep a copy of the parameters and optimizer state, refreshed every N
             healthy measured steps, and restore it when the parameters turn non-finite. Costs one
             copy of the parameters and of the optimizer state. Defaults to None (no rollback).
-        param_norms: Measure parameter norms (for the vanishing detector and non-finite
-            parameters). Defaults to True.
+        param_norm_every: Measure the parameter norms (for the vanishing detector's
+            ``||g|| / ||W||``) every N measured steps, reusing the last values in between (they
+            change slowly), and in any case on a step with a non-finite gradient or loss (to see
+            non-finite parameters) and before a rollback snapshot. 1: every measured step; 0:
+            never. Defaults to 10.
         monitor: A :class:`gradwatch.Monitor` to use instead of a new one (custom detectors).
             Defaults to None.
 
@@ -434,7 +474,7 @@ def watch(
     """
     return Watch(
         model, optimizer, policy=policy, scaler=scaler, every=every, strict=strict, names=names,
-        rollback_every=rollback_every, param_norms=param_norms, monitor=monitor,
+        rollback_every=rollback_every, param_norm_every=param_norm_every, monitor=monitor,
     )
 
 

@@ -109,12 +109,14 @@ def test_lr_decay_holds_under_schedulers_and_keeps_their_shape(name):
         assert used[t] == pytest.approx(0.25 * plain_scheduled[t], rel=1e-12), t
 
 
-def test_rollback_restores_the_last_healthy_snapshot_when_params_turn_nonfinite():
+@pytest.mark.parametrize("param_norm_every", [1, 10, 1000])
+def test_rollback_restores_the_last_healthy_snapshot_when_params_turn_nonfinite(param_norm_every):
     model = mlp(seed=14, depth=2, width=16)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     x, y = regression_data(n=64)
     snapshots = {}
-    with gradwatch.watch(model, opt, rollback_every=5) as w:
+    # Parameter norms are reused between refreshes, but a non-finite step always measures them.
+    with gradwatch.watch(model, opt, rollback_every=5, param_norm_every=param_norm_every) as w:
         losses = []
         for t in range(40):
             if t == 25:  # something outside the gradients corrupted the weights

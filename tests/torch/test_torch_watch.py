@@ -208,11 +208,32 @@ def test_arguments_are_checked():
         gradwatch.watch(model, opt, every=0)
     with pytest.raises(ValueError, match="rollback_every"):
         gradwatch.watch(model, opt, rollback_every=0)
+    with pytest.raises(ValueError, match="param_norm_every"):
+        gradwatch.watch(model, opt, param_norm_every=-1)
     with pytest.raises(ValueError, match="policy"):
         gradwatch.watch(model, opt, policy="sometimes")
     with pytest.raises(TypeError, match="GradScaler"):
         gradwatch.watch(model, opt, scaler=object())
     assert not opt._optimizer_step_pre_hooks
+
+
+def test_parameter_norms_are_refreshed_every_n_measured_steps():
+    model, opt = setup()
+    seen = []
+    with gradwatch.watch(model, opt, param_norm_every=4) as w:
+        original = w.monitor.observe
+
+        def spy(stats, **kwargs):
+            seen.append(stats.param_norm.copy())
+            return original(stats, **kwargs)
+
+        w.monitor.observe = spy
+        train(model, opt, 9, watch=w)
+    changed = [i for i in range(1, 9) if not (seen[i] == seen[i - 1]).all()]
+    assert changed == [4, 8]
+    with gradwatch.watch(model, opt, param_norm_every=0) as w:
+        train(model, opt, 2, watch=w)
+    assert all(layer["param_norm"] != layer["param_norm"] for layer in w.report().layers)  # NaN
 
 
 def test_no_warning_on_a_healthy_run():
