@@ -150,8 +150,8 @@ def group_layers(layer_names: Sequence[str], max_groups: int = 8) -> tuple[tuple
         pass
     nodes.sort(key=lambda n: n[1][0])
     index = np.zeros(len(names), dtype=np.int64)
-    for g, (_, members) in enumerate(nodes):
-        index[members] = g
+    for position, (_, members) in enumerate(nodes):
+        index[members] = position
     return tuple(prefix(m[0], d) for d, m in nodes), index
 
 
