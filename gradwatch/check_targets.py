@@ -56,12 +56,20 @@ def _import_file(path: str) -> ModuleType:
     sys.modules[name] = module
     try:
         module_spec.loader.exec_module(module)
-    except BaseException as exc:
+    except SystemExit as exc:
         sys.modules.pop(name, None)
-        if isinstance(exc, (KeyboardInterrupt, SystemExit)):
-            raise
+        raise _exited(path, exc) from exc
+    except Exception as exc:
+        sys.modules.pop(name, None)
         raise BadTargetError(f"Importing {path!r} raised {type(exc).__name__}: {exc}") from exc
     return module
+
+
+def _exited(where: str, exc: SystemExit) -> BadTargetError:
+    return BadTargetError(
+        f"Importing {where!r} called sys.exit({exc.code!r}): it runs a script when imported (argparse?). "
+        "Put the training script under `if __name__ == \"__main__\":` so the factory can be imported."
+    )
 
 
 def _import_module(name: str) -> ModuleType:
@@ -76,6 +84,8 @@ def _import_module(name: str) -> ModuleType:
                 "directory ('package.module:function') or the path of a file ('path/to/file.py:function')."
             ) from exc
         raise BadTargetError(f"Importing {name!r} raised ModuleNotFoundError: {exc}") from exc
+    except SystemExit as exc:
+        raise _exited(name, exc) from exc
     except Exception as exc:
         raise BadTargetError(f"Importing {name!r} raised {type(exc).__name__}: {exc}") from exc
 

@@ -96,6 +96,14 @@ def test_a_file_that_fails_to_import_is_a_usage_error(tmp_path, capsys):
     assert "Importing" in capsys.readouterr().err
 
 
+def test_a_script_that_exits_at_import_is_a_usage_error(tmp_path, capsys):
+    script = tmp_path / "train.py"
+    script.write_text("import argparse\nargparse.ArgumentParser().parse_args(['--nope'])\n")
+    assert main(["check", f"{script}:build"]) == 2
+    err = capsys.readouterr().err
+    assert "called sys.exit(2)" in err and 'if __name__ == "__main__":' in err
+
+
 def test_report_renders_a_saved_report_again(check, tmp_path, capsys):
     pytest.importorskip("matplotlib")
     check("stats_nan")
