@@ -63,7 +63,7 @@ from gradwatch.integrations.torch import (  # noqa: E402
     clip_grads,
     measure,
 )
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn  # noqa: E402
+from lightning.pytorch.utilities import GradClipAlgorithmType, rank_zero_info, rank_zero_warn  # noqa: E402
 
 from gradwatch.findings import Finding, severity_rank  # noqa: E402
 from gradwatch.monitor import Monitor  # noqa: E402
@@ -317,7 +317,7 @@ class GradWatch(pl.Callback):
             if user_val is None or user_val <= 0 or level < user_val:
                 self._user_clip = (user_val, user_algo)
                 trainer.gradient_clip_val = level
-                trainer.gradient_clip_algorithm = "norm"
+                trainer.gradient_clip_algorithm = GradClipAlgorithmType.NORM
                 self._clip_set = level
         else:
             # Unmeasured steps are not checked for NaN: never let a non-finite norm poison the clip.
