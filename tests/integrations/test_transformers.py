@@ -76,11 +76,12 @@ class InjectLR(TrainerCallback):
 
 def train(model, callbacks, tmp_path, *, steps: int, lr: float, optim: str = "adamw_torch",
           regression: bool = False, **kwargs) -> Trainer:
-    args = TrainingArguments(
+    settings = dict(
         output_dir=str(tmp_path / "out"), max_steps=steps, per_device_train_batch_size=16, learning_rate=lr,
         lr_scheduler_type="constant", optim=optim, report_to=[], use_cpu=True, logging_steps=5,
-        save_strategy="no", disable_tqdm=True, seed=0, data_seed=0, **kwargs,
+        save_strategy="no", disable_tqdm=True, seed=0, data_seed=0,
     )
+    args = TrainingArguments(**{**settings, **kwargs})
     trainer = Trainer(model=model, args=args, train_dataset=Tokens(regression=regression), callbacks=list(callbacks))
     trainer.train()
     return trainer
@@ -178,3 +179,22 @@ def test_state_round_trip_and_internal_errors(tmp_path, monkeypatch):
     with pytest.warns(gradwatch.GradwatchWarning, match="stopped monitoring"):
         trainer = train(tiny_bert(), [broken], tmp_path, steps=4, lr=5e-4)
     assert trainer.state.global_step == 4 and trainer.args.max_grad_norm == 1.0
+
+
+def test_resume_from_a_real_checkpoint_continues_the_monitor(tmp_path):
+    gw = GradWatchCallback()
+    train(tiny_bert(), [gw], tmp_path, steps=6, lr=5e-4, save_strategy="steps", save_steps=6)
+    checkpoint = tmp_path / "out" / "checkpoint-6"
+    assert (checkpoint / "trainer_state.json").exists()
+
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "out"), max_steps=9, per_device_train_batch_size=16, learning_rate=5e-4,
+        lr_scheduler_type="constant", report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True,
+        seed=0, data_seed=0, restore_callback_states_from_checkpoint=True,
+    )
+    trainer = Trainer(model=tiny_bert(), args=args, train_dataset=Tokens(), callbacks=[GradWatchCallback()])
+    trainer.train(resume_from_checkpoint=str(checkpoint))
+    (live,) = [cb for cb in trainer.callback_handler.callbacks if isinstance(cb, GradWatchCallback)]
+    report = live.report()
+    assert live.step == 9 and report.steps_measured == 9 and report.first_step == 0 and report.healthy
+    assert report.history["global_norm"][:6] == gw.report().history["global_norm"]
