@@ -184,6 +184,7 @@ def test_gradient_accumulation_measures_once_per_optimizer_step():
     assert report.history["loss"][0] == pytest.approx(sum(trainer.lightning_module.losses[:4]) / 4, rel=1e-5)
 
 
+@pytest.mark.filterwarnings("ignore:gradwatch. .error. exploding:UserWarning")
 def test_checkpoint_resume_continues_the_monitor(tmp_path):
     module, gw = Module(mlp(depth=4, width=64, act=nn.Tanh), lr=0.3), GradWatch()
     trainer = fit(module, regression(), 60, [gw])
@@ -219,6 +220,7 @@ class ManualModule(Module):
         self.losses.append(float(loss.detach()))
 
 
+@pytest.mark.filterwarnings("ignore:gradwatch. .error. exploding:UserWarning")
 def test_manual_optimization_is_watched_and_rescued_by_hand():
     module, gw = ManualModule(mlp(depth=4, width=64, act=nn.Tanh), lr=0.3), GradWatch()
     fit(module, regression(), 120, [gw])
