@@ -120,7 +120,8 @@ class GradWatchCallback(TrainerCallback, ExportableState):
     Attributes:
         monitor: The monitor judging the run.
         step: Optimizer steps seen.
-        nonfinite_losses: Micro-batches whose loss was NaN or Inf.
+        nonfinite_losses: Micro-batches whose loss was NaN or Inf (those of steps not measured,
+            with ``every > 1``, are added at the end of training).
         micro_batches: Micro-batches whose loss was seen.
 
     Raises:
@@ -151,6 +152,7 @@ class GradWatchCallback(TrainerCallback, ExportableState):
         self._params: TorchParams | None = None
         self._lr = LRScale()
         self._losses: list[Any] = []
+        self._unmeasured_bad: Any = None  # device tensor: non-finite losses on unmeasured steps
         self._hook: Any = None
         self._user_max_grad_norm: float | None = None  # set while the callback does the clipping
         self._args: Any = None
@@ -232,6 +234,9 @@ class GradWatchCallback(TrainerCallback, ExportableState):
 
     def on_train_end(self, args: Any, state: Any, control: Any, optimizer: Any = None, **kwargs: Any) -> None:
         self._teardown(args, optimizer)
+        if self._unmeasured_bad is not None:
+            self.nonfinite_losses += int(self._unmeasured_bad.cpu())
+            self._unmeasured_bad = None
         try:
             report = self.monitor.finish()
         except Exception as exc:
@@ -295,6 +300,11 @@ class GradWatchCallback(TrainerCallback, ExportableState):
         losses, self._losses = self._losses, []
         controls = self.monitor.controls
         if step % self.every != 0:
+            if losses:
+                # Counted on the device, read once at the end of training: no sync on this step.
+                self.micro_batches += len(losses)
+                bad = (~torch.isfinite(torch.stack(losses))).sum()
+                self._unmeasured_bad = bad if self._unmeasured_bad is None else self._unmeasured_bad + bad
             self._clip(tp, controls.clip_norm, unmeasured=True)
             self._lr.apply(optimizer, controls.lr_factor)
             return

@@ -202,3 +202,15 @@ def test_resume_from_a_real_checkpoint_continues_the_monitor(tmp_path):
     report = live.report()
     assert live.step == 9 and report.steps_measured == 9 and report.first_step == 0 and report.healthy
     assert report.history["global_norm"][:6] == gw.report().history["global_norm"]
+
+
+def test_with_every_2_a_nan_loss_on_an_unmeasured_step_is_still_counted(tmp_path):
+    class PoisonedOnStep13(PoisonedBert):
+        poison_at = 13  # an odd step: not measured with every=2
+
+    gw = GradWatchCallback(every=2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(tiny_bert(cls=PoisonedOnStep13), [gw], tmp_path, steps=20, lr=5e-4)
+    assert gw.report().steps_measured == 10 and gw.micro_batches == 20 and gw.nonfinite_losses == 1
+    assert any("1 of 20 micro-batch losses were NaN/Inf" in m for m in gradwatch_warnings(caught))
