@@ -129,6 +129,55 @@ def bench(model_name: str, repeats: int, steps: int, warmup: int, clock: Any = t
     return rows
 
 
+def breakdown(model_name: str, steps: int = 200, warmup: int = 10) -> dict[str, float]:
+    """Where gradwatch's time goes inside real training steps (every=1): medians in microseconds
+    of the whole pre-hook, of ``measure`` (reductions, transfer, StepStats), of
+    ``Monitor.observe`` (detectors and policy), and of one bare ``_foreach_norm`` of all gradients
+    with its transfer (the floor: one read of the gradients)."""
+    import gradwatch.integrations.torch as adapter
+
+    spec = MODELS[model_name]
+    torch.manual_seed(0)
+    model = spec["build"]()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    x = torch.randn(*spec["input"])
+    y = torch.randint(0, 10, (spec["input"][0],))
+    times: dict[str, list[float]] = {"pre_hook": [], "measure": [], "observe": [], "floor": []}
+
+    def timed(name: str, fn: Any) -> Any:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            out = fn(*args, **kwargs)
+            times[name].append(time.perf_counter() - start)
+            return out
+        return wrapper
+
+    params = list(model.parameters())
+    def floor(*args: Any) -> None:
+        torch.stack(torch._foreach_norm([p.grad for p in params])).cpu()
+
+    opt.register_step_pre_hook(timed("floor", floor))
+    w = gradwatch.watch(model, opt)
+    w.monitor.observe = timed("observe", w.monitor.observe)  # type: ignore[method-assign]
+    w._begin_step = timed("pre_hook", w._begin_step)  # type: ignore[method-assign]
+    original_measure = adapter.measure
+    adapter.measure = timed("measure", original_measure)
+    try:
+        for t in range(steps + warmup):
+            if t == warmup:
+                for v in times.values():
+                    v.clear()
+            opt.zero_grad(set_to_none=True)
+            loss = nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            w.record_loss(loss)
+            opt.step()
+    finally:
+        adapter.measure = original_measure
+        w.remove()
+    return {k: statistics.median(v) * 1e6 for k, v in times.items()}
+
+
 def machine() -> dict[str, str]:
     try:
         cpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
@@ -151,6 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--wall", action="store_true",
                         help="time with the wall clock instead of the process CPU time (CPU time is robust "
                         "to other processes on a shared machine; use --wall on a quiet one or a GPU)")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="also time the parts of gradwatch's pre-hook inside real steps")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -161,14 +212,18 @@ def main(argv: list[str] | None = None) -> int:
                       clock=time.perf_counter if args.wall else time.process_time)
     info = machine()
     info["clock"] = "wall" if args.wall else "process CPU time"
+    parts = {name: breakdown(name) for name in names} if args.breakdown else {}
     if args.json:
-        print(json.dumps({"machine": info, "rows": rows}, indent=2))
+        print(json.dumps({"machine": info, "rows": rows, "breakdown_us": parts}, indent=2))
         return 0
     print(f"machine: {info}")
     print(f"{'model':<38} {'variant':<20} {'ms/step':>8} {'ratio':>7} {'overhead':>9}")
     for row in rows:
         print(f"{row['model']:<38} {row['variant']:<20} {row['step_ms']:>8.2f} {row['ratio']:>7.3f} "
               f"{row['overhead_pct']:>8.1f}%")
+    for name, part in parts.items():
+        print(f"{MODELS[name]['label']}: median us per step (wall) - "
+              + ", ".join(f"{k} {v:.0f}" for k, v in part.items()))
     return 0
 
 

@@ -40,6 +40,7 @@ Raises:
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections.abc import Iterable
 from typing import Any
@@ -129,6 +130,7 @@ class Watch:
         self.param_norm_every = param_norm_every
         self._param_norm: Any = None  # the last measured parameter norms (numpy), reused in between
         self._measured = 0
+        self._controls = self.monitor.controls  # the standing orders, refreshed by each decision
         self.scaler = scaler
         self.params: TorchParams = build_layout(model, optimizers, names=names)
         self.step = 0
@@ -193,7 +195,7 @@ class Watch:
     @property
     def lr_factor(self) -> float:
         """The learning-rate factor in force over the user's schedule (1.0: untouched)."""
-        return float(self.monitor.controls.lr_factor)
+        return float(self._controls.lr_factor)
 
     def remove(self) -> None:
         """Remove the hooks, put the LR schedule back as the user set it and free the snapshot.
@@ -258,6 +260,7 @@ class Watch:
                 + (f" with keys {sorted(state)}." if isinstance(state, dict) else ".")
             )
         self.monitor.load_state_dict(state["monitor"])
+        self._controls = self.monitor.controls
         self.step = int(state["step"])
         self._healthy_since_snapshot = int(state.get("healthy_since_snapshot", 0))
         self._measured = int(state.get("measured", 0))
@@ -311,7 +314,7 @@ class Watch:
             self._begin_step(optimizer)
         self._round.add(k)
         if self._active:
-            self._lr.apply(optimizer, self.monitor.controls.lr_factor)
+            self._lr.apply(optimizer, self._controls.lr_factor)
 
     def _begin_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Start of one optimizer step (the first optimizer of a round): measure, decide, act."""
@@ -333,7 +336,7 @@ class Watch:
             if self._snapshot is not None:
                 self._snapshot = None
         params = self.params.params
-        controls = self.monitor.controls
+        controls = self._controls
         if step % self.every != 0:
             # Unmeasured: only the standing clip applies (on the device, no sync). A non-finite
             # step here cannot be seen, so it cannot be skipped: see docs/torch.md, "every".
@@ -351,6 +354,8 @@ class Watch:
             self._param_norm = stats.param_norm
         can_rollback = self._snapshot is not None and self._snapshot.taken
         decision: Decision = self.monitor.observe(stats, immediate=True, can_rollback=can_rollback)
+        # A plugin (select_actions) may have changed the decision's factor: the decision rules.
+        self._controls = dataclasses.replace(decision.controls, lr_factor=decision.lr_factor)
         apply_decision(decision, params, grad_scale=grad_scale, snapshot=self._snapshot)
         if self.rollback_every is not None:
             self._maybe_snapshot(step, stats, decision)
