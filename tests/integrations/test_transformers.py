@@ -212,5 +212,8 @@ def test_with_every_2_a_nan_loss_on_an_unmeasured_step_is_still_counted(tmp_path
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         train(tiny_bert(cls=PoisonedOnStep13), [gw], tmp_path, steps=20, lr=5e-4)
-    assert gw.report().steps_measured == 10 and gw.micro_batches == 20 and gw.nonfinite_losses == 1
-    assert any("1 of 20 micro-batch losses were NaN/Inf" in m for m in gradwatch_warnings(caught))
+    # Step 13 is not measured, so its NaN gradients are not seen and not skipped (docs: every):
+    # the weights turn NaN and every later loss is NaN. All 7 (steps 13-19) are counted, the 4
+    # of unmeasured steps on the device, read at the end.
+    assert gw.report().steps_measured == 10 and gw.micro_batches == 20 and gw.nonfinite_losses == 7
+    assert any("7 of 20 micro-batch losses were NaN/Inf" in m for m in gradwatch_warnings(caught))
