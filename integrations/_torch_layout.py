@@ -130,6 +130,23 @@ def _rename(path: str, names: LayerNames) -> str:
     return str(names.get(path, path))
 
 
+def unwrap(model: nn.Module | None) -> nn.Module | None:
+    """The user's own module inside ``torch.compile`` (``_orig_mod``) and DDP/DataParallel
+    (``module``) wrappers, so that layer names are the user's module paths."""
+    for _ in range(4):
+        if model is None:
+            return None
+        inner = getattr(model, "_orig_mod", None)
+        if isinstance(inner, nn.Module):
+            model = inner
+            continue
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+            continue
+        break
+    return model
+
+
 def build_layout(
     model: nn.Module | None,
     optimizers: torch.optim.Optimizer | Iterable[torch.optim.Optimizer] | None = None,
@@ -138,7 +155,8 @@ def build_layout(
 ) -> TorchParams:
     """Build the measured parameter set and its layout from a model and its optimizers.
 
-    Parameters come in ``model.named_modules()`` order. With optimizers, only the parameters they
+    Parameters come in ``model.named_modules()`` order (of the module inside ``torch.compile``
+    and DDP wrappers, whose prefixes would only clutter the names). With optimizers, only the parameters they
     update are measured (a frozen backbone left out of the optimizer is not watched), and
     parameters an optimizer holds that the model does not own are added at the end as
     ``optimizer{k}.param{i}`` with role ``other``. Without optimizers, every parameter of the model
@@ -171,6 +189,7 @@ def build_layout(
     else:
         opts = list(optimizers)
     wanted = {id(p) for p in optimizer_params(opts)} if opts else None
+    model = unwrap(model)
 
     entries: list[tuple[str, str, str, torch.Tensor]] = []  # name, layer, role, param
     seen: set[int] = set()
@@ -220,4 +239,5 @@ __all__ = [
     "optimizer_params",
     "optimizer_signature",
     "param_role",
+    "unwrap",
 ]

@@ -252,3 +252,11 @@ def test_snapshot_restores_params_and_optimizer_state_in_place():
     for key, saved in state["state"].items():
         for name, value in saved.items():
             assert torch.equal(torch.as_tensor(opt.state_dict()["state"][key][name]), torch.as_tensor(value))
+
+
+def test_wrappers_do_not_change_the_names():
+    model = mlp(seed=1, depth=1, width=4)
+    wrapped = nn.DataParallel(model)  # on the CPU a plain wrapper, with the "module." prefix
+    assert next(iter(dict(wrapped.named_parameters()))) == "module.0.weight"
+    assert build_layout(wrapped).layout.names == build_layout(model).layout.names == (
+        "0.weight", "0.bias", "2.weight", "2.bias")
