@@ -166,13 +166,12 @@ def _actions_section(report: Report) -> str:
 
 def _cards(report: Report) -> str:
     by_severity = {"error": 0, "warning": 0, "info": 0}
-    for counts in report.finding_counts.values():
-        for sev, n in counts.items():
-            by_severity[sev] = by_severity.get(sev, 0) + n
+    for f in report.findings:  # episodes: repeats on consecutive steps are merged into one finding
+        by_severity[f.severity] = by_severity.get(f.severity, 0) + 1
     cards = [
         ("", report.steps_measured, "steps measured"),
-        ("error" if by_severity["error"] else "", by_severity["error"], "steps with errors"),
-        ("warning" if by_severity["warning"] else "", by_severity["warning"], "steps with warnings"),
+        ("error" if by_severity["error"] else "", by_severity["error"], "errors"),
+        ("warning" if by_severity["warning"] else "", by_severity["warning"], "warnings"),
         ("", sum(report.action_counts.values()), "actions taken"),
         ("", len(report.layers), "layers"),
     ]
