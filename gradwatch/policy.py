@@ -76,6 +76,8 @@ class PolicyState(NamedTuple):
     """Steps of the most recent non-finite gradients (at most ``nonfinite_patience``)."""
     recommended: tuple
     """Layers already named in a BatchNorm recommendation."""
+    recent_lr: tuple = ()
+    """The user's scheduled learning rate (before gradwatch's factor) on recent healthy steps."""
 
     @property
     def controls(self) -> Controls:
@@ -150,6 +152,13 @@ class AutoPolicy(Policy):
         nonfinite_patience: Non-finite steps within ``nonfinite_window`` steps that trigger a
             decay. Defaults to 3.
         nonfinite_window: Defaults to 50.
+        lr_jump_ratio: When the norm explodes right after the user's scheduled learning rate rose
+            more than this many times above its recent median (a mistyped LR, a schedule bug), the
+            factor brings the LR back to that median at once — below ``min_lr_factor`` if need be,
+            since it only restores the LR the run was healthy with — and the step is rolled back
+            when the adapter keeps a snapshot (the update made at the jumped LR is undone).
+            Needs the adapter to report ``StepStats.lr``. Defaults to 10.0.
+        lr_window: Healthy steps whose LR form that median. Defaults to 10.
 
     Raises:
         ValueError: for a factor outside (0, 1) or a negative count.
@@ -170,6 +179,8 @@ class AutoPolicy(Policy):
         cooldown: int = 10,
         nonfinite_patience: int = 3,
         nonfinite_window: int = 50,
+        lr_jump_ratio: float = 10.0,
+        lr_window: int = 10,
     ) -> None:
         if not 0.0 < decay_factor < 1.0:
             raise ValueError(f"AutoPolicy does not support a decay_factor outside (0, 1). Received decay_factor={decay_factor}.")
@@ -190,6 +201,13 @@ class AutoPolicy(Policy):
         self.cooldown = cooldown
         self.nonfinite_patience = nonfinite_patience
         self.nonfinite_window = nonfinite_window
+        if not lr_jump_ratio > 1.0 or lr_window < 1:
+            raise ValueError(
+                "lr_jump_ratio must be > 1 and lr_window >= 1. Received "
+                f"lr_jump_ratio={lr_jump_ratio}, lr_window={lr_window}."
+            )
+        self.lr_jump_ratio = lr_jump_ratio
+        self.lr_window = lr_window
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, **{k: v for k, v in vars(self).items() if not k.startswith("_")}}
@@ -239,6 +257,30 @@ class AutoPolicy(Policy):
                 decay("nonfinite", f"{len(recent)} non-finite steps within {self.nonfinite_window} steps")
 
         exploding = by_kind.get("exploding", [])
+        scheduled_lr = (
+            stats.lr / s.lr_factor
+            if stats.lr is not None and math.isfinite(stats.lr) and stats.lr > 0 and s.lr_factor > 0
+            else None
+        )
+        if exploding and scheduled_lr is not None and len(s.recent_lr) >= min(3, self.lr_window):
+            reference = sorted(s.recent_lr)[len(s.recent_lr) // 2]
+            if reference > 0 and scheduled_lr > self.lr_jump_ratio * reference and self.lr_decay:
+                new = s.lr_factor * reference / scheduled_lr
+                actions.append(Action(
+                    "lr_decay", step, "exploding", {"lr_factor": s.lr_factor, "lr": stats.lr},
+                    {"lr_factor": new, "lr": reference * s.lr_factor}, {"factor": new / s.lr_factor},
+                    f"the learning rate jumped {scheduled_lr / reference:.3g}x (from {reference:.3g} to "
+                    f"{scheduled_lr:.3g}) just before the explosion: brought back to {reference:.3g}",
+                ))
+                s = s._replace(lr_factor=new, last_decay_step=step, recent_lr=())
+                if self.rollback and can_rollback and not rollback:
+                    rollback = True
+                    actions.append(Action(
+                        "rollback", step, "exploding", {}, {}, {},
+                        "restored the last healthy snapshot: undoes the update made at the jumped LR",
+                    ))
+        elif scheduled_lr is not None and not findings_block_lr(by_kind):
+            s = s._replace(recent_lr=(s.recent_lr + (scheduled_lr,))[-self.lr_window:])
         if exploding and self.clip and stats.finite:
             level = min(float(f.evidence.get("clip_threshold", math.inf)) for f in exploding)
             growing = any(f.severity == "error" for f in exploding)
@@ -287,6 +329,11 @@ class AutoPolicy(Policy):
             actions=actions, controls=s.controls,
         )
         return decision, s
+
+
+def findings_block_lr(by_kind: dict[str, list[Finding]]) -> bool:
+    """A step with these findings does not count as healthy for the LR reference."""
+    return any(kind in by_kind for kind in ("exploding", "nonfinite", "loss_spike"))
 
 
 def resolve_policy(policy: str | Policy | None) -> Policy:

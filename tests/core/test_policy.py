@@ -138,3 +138,41 @@ def test_observe_never_acts():
         assert not monitor.observe(s).skip
     assert not monitor.report().actions and not monitor.report().healthy
     assert monitor.controls.skip_nonfinite is False and math.isinf(monitor.controls.clip_norm)
+
+
+def lr_stats(step, lr, norm=1.0):
+    s = stats(step, norm=norm)
+    s.lr = lr
+    return s
+
+
+def test_auto_brings_a_jumped_learning_rate_back_and_rolls_back():
+    p = AutoPolicy()
+    state = p.init()
+    for t in range(20):  # a warm-up: the LR rises 2x over these steps
+        d, state = p.decide([], lr_stats(t, 1e-3 * (1 + t / 20)), state)
+        assert not d.actions
+    # The user's LR jumps to 1e3 at step 20; the explosion shows at step 21.
+    d, state = p.decide([], lr_stats(20, 1e3), state)
+    assert not d.actions
+    d, state = p.decide([exploding(21, level=2.0, severity="error")], lr_stats(21, 1e3, norm=500.0), state,
+                        can_rollback=True)
+    kinds = sorted(a.kind for a in d.actions)
+    assert kinds == ["lr_decay", "rollback"]
+    assert d.rollback and d.skip
+    reference = 1e-3 * (1 + 10 / 20)  # the median of the healthy LRs before the jump
+    assert d.lr_factor * 1e3 == pytest.approx(reference)
+    assert "jumped" in next(a for a in d.actions if a.kind == "lr_decay").message
+    # The factor now stays in force: the effective LR is back at the healthy level.
+    d, state = p.decide([], lr_stats(22, 1e3 * d.lr_factor), state)
+    assert d.lr_factor * 1e3 == pytest.approx(reference) and not d.actions
+
+
+def test_lr_jump_without_explosion_is_left_alone():
+    """Warm restarts jump the LR by orders of magnitude on healthy runs: no finding, no action."""
+    p = AutoPolicy()
+    state = p.init()
+    for t in range(30):
+        lr = 1e-3 if t % 10 == 0 else 1e-8
+        d, state = p.decide([], lr_stats(t, lr), state)
+        assert not d.actions and d.lr_factor == 1.0
