@@ -94,14 +94,6 @@ class StepProbe:
         self.model = model
         self.optimizer = optimizer
         self.target = base_optimizer(optimizer)
-        if not optimizer.built:
-            # What the first apply would do; building early creates the same zero slots.
-            with keras.name_scope(optimizer.name, caller=optimizer):
-                optimizer.build(model.trainable_variables)
-        self.variables = list(self.target._trainable_variables)
-        self.layout: Layout = keras_layout(model, self.variables)
-        self.n = len(self.variables)
-        self.width = len(HEAD) + len(BLOCKS) * self.n
         self.ring = int(ring)
         self.steps_per_execution = max(1, int(getattr(model, "steps_per_execution", 1) or 1))
         self.remedies = remedies
@@ -109,34 +101,27 @@ class StepProbe:
         self.lock = threading.Lock()
         self.error: BaseException | None = None
         self.installed = False
+        self.ready = False
         self._previous: dict[str, Any] = {}
+        self.owned: tuple = ()
         self.ring_var: Any = None
         self.count_var: Any = None
         self.controls_var: Any = None
+        self.variables: list[Any] = []
+        self.layout: Layout | None = None
+        self.n = 0
 
     # -- install / remove ----------------------------------------------------------------------
 
     def install(self, controls: Controls, count: int) -> None:
-        """Create the variables, track them in the optimizer and patch its methods.
+        """Patch the optimizer; create and track the variables now if it is built, else in the
+        first (traced) step, as Keras builds an optimizer whose model is built at trace time.
 
         Args:
             controls: The standing orders to start with.
             count: The step counter to continue from.
         """
-        keras = self.keras
-        self.ring_var = keras.Variable(
-            np.full((self.ring, self.width), np.nan, dtype=np.float32), dtype="float32",
-            trainable=False, name="gradwatch_stats",
-        )
-        self.count_var = keras.Variable(np.int32(count), dtype="int32", trainable=False, name="gradwatch_count")
-        self.controls_var = keras.Variable(
-            controls_vector(controls), dtype="float32", trainable=False, name="gradwatch_controls"
-        )
-        self.owned = (self.ring_var, self.count_var, self.controls_var)
-        for variable in self.owned:
-            self.target._track_variable(variable)
-        outer_vars = self.optimizer.variables
-        self.positions = [next(i for i, v in enumerate(outer_vars) if v is mine) for mine in self.owned]
+        self._controls, self._count = controls, count
         target, outer = self.target, self.optimizer
         self._previous = {
             "apply": target.__dict__.get("apply"),
@@ -162,6 +147,30 @@ class StepProbe:
         object.__setattr__(outer, "save_own_variables", save_own_variables)
         object.__setattr__(outer, "load_own_variables", load_own_variables)
         self.installed = True
+        if target.built:
+            self._prepare()
+
+    def _prepare(self) -> None:
+        """Read the layout off the built optimizer; create and track our variables."""
+        keras = self.keras
+        self.variables = list(self.target._trainable_variables)
+        self.layout = keras_layout(self.model, self.variables)
+        self.n = len(self.variables)
+        self.width = len(HEAD) + len(BLOCKS) * self.n
+        self.ring_var = keras.Variable(
+            np.full((self.ring, self.width), np.nan, dtype=np.float32), dtype="float32",
+            trainable=False, name="gradwatch_stats",
+        )
+        self.count_var = keras.Variable(np.int32(self._count), dtype="int32", trainable=False, name="gradwatch_count")
+        self.controls_var = keras.Variable(
+            controls_vector(self._controls), dtype="float32", trainable=False, name="gradwatch_controls"
+        )
+        self.owned = (self.ring_var, self.count_var, self.controls_var)
+        for variable in self.owned:
+            self.target._track_variable(variable)
+        outer_vars = self.optimizer.variables
+        self.positions = [next(i for i, v in enumerate(outer_vars) if v is mine) for mine in self.owned]
+        self.ready = True
 
     def remove(self) -> None:
         """Undo :meth:`install`: restore the optimizer's methods and untrack the variables."""
@@ -179,16 +188,17 @@ class StepProbe:
             self.target._untrack_variable(variable)
 
     def _hidden(self) -> Any:
+        """A context in which the optimizer does not track our variables (for its checkpoints)."""
         probe = self
 
         class Hidden:
             def __enter__(self) -> None:
-                store = probe.target._variables
-                self.saved = list(store)
-                store[:] = [v for v in store if not any(v is mine for mine in probe.owned)]
+                for variable in probe.owned:
+                    probe.target._untrack_variable(variable)
 
             def __exit__(self, *exc: object) -> None:
-                probe.target._variables[:] = self.saved
+                for variable in probe.owned:
+                    probe.target._track_variable(variable)
 
         return Hidden()
 
@@ -201,6 +211,8 @@ class StepProbe:
         ``model._jax_state``, whose arrays the next step may donate: a read that loses that race
         retries on the newer state (the ring still holds the rows).
         """
+        if not self.ready:
+            return self._count, np.zeros((self.ring, 0), dtype=np.float32)
         with self.lock:
             if self.backend == "jax":
                 return self._read_jax()
@@ -231,6 +243,9 @@ class StepProbe:
 
     def write_controls(self, controls: Controls) -> None:
         """Write new standing orders; call between steps, on the thread that runs ``fit``."""
+        if not self.ready:
+            self._controls = controls
+            return
         if self.backend == "jax" and getattr(self.model, "_jax_state", None):
             # The variables are detached while fit runs; sync them back so the next step reads
             # the whole state (ours included) from the variables again.
@@ -244,6 +259,13 @@ class StepProbe:
         if self.error is not None:
             return original(grads, trainable_variables)
         try:
+            if not self.ready:
+                target = self.target
+                if not target.built:
+                    with self.keras.name_scope(target.name, caller=target):
+                        target.build(list(trainable_variables))
+                    target.built = True
+                self._prepare()
             plan = self._measure(list(grads), trainable_variables)
         except Exception as exc:  # gradwatch's own failure: train on, unmeasured
             if self.strict:

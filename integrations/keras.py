@@ -100,6 +100,7 @@ class GradWatch(keras.callbacks.Callback):
         """The first step not yet handed to the monitor."""
         self._batches = 0
         """Training batches run so far (continues across fits)."""
+        self._started = 0
         self._done = 0
         """Batches whose statistics have been read (the reader may lag behind under async dispatch)."""
         self._epoch_base = 0
@@ -134,6 +135,7 @@ class GradWatch(keras.callbacks.Callback):
             self._probe.install(self.monitor.controls, self._count)
             self._written, self._pending = self.monitor.controls, None
             self._fit_batches0, self._fit_count0, self._loss_scale_skips = self._batches, self._count, 0
+            self._started = self._done = self._batches
             # The train function was traced before this hook; trace it again with the probe in.
             model.make_train_function(force=True)
         except Exception as exc:
@@ -148,7 +150,12 @@ class GradWatch(keras.callbacks.Callback):
         probe = self._probe
         if probe is None or self._stopped:
             return
-        self._keep_up(self._epoch_base + int(batch), probe)
+        started = self._epoch_base + int(batch)
+        previous, self._started = self._started, started
+        # With remedies on, the batch after a measured one waits for its reading, so the new
+        # controls take effect at a fixed step (a run is reproducible); other batches run ahead.
+        measured = probe.remedies and (started - 1) // self.every != (previous - 1) // self.every
+        self._keep_up(started, probe, started if measured else -1)
         pending = self._pending
         if pending is None or pending == self._written:
             return
@@ -158,12 +165,16 @@ class GradWatch(keras.callbacks.Callback):
         except Exception as exc:
             self._fail(exc)
 
-    def _keep_up(self, started: int, probe: StepProbe) -> None:
-        """Wait before a step while the asynchronous reader lags so far behind that the ring
-        would overwrite rows it has not read (only when steps are much faster than the monitor)."""
+    def _keep_up(self, started: int, probe: StepProbe, read_through: int) -> None:
+        """Wait for the asynchronous reader: until it has read ``read_through`` batches, and while
+        it lags so far behind that the ring would overwrite rows it has not read."""
         room = probe.ring - 2 * probe.steps_per_execution
-        deadline = time.monotonic() + 30.0
-        while started - self._done > room and not self._stopped and time.monotonic() < deadline:
+        deadline = time.monotonic() + 60.0
+        while (
+            (self._done < read_through or started - self._done > room)
+            and not self._stopped
+            and time.monotonic() < deadline
+        ):
             time.sleep(0.0002)
 
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
@@ -178,9 +189,11 @@ class GradWatch(keras.callbacks.Callback):
                 if total <= previous:
                     return
                 self._batches = total
-                if (total - 1) // self.every != (previous - 1) // self.every:
-                    self._consume(logs)  # else no measured step among this call's steps: no host sync
-                self._done = total
+                try:
+                    if (total - 1) // self.every != (previous - 1) // self.every:
+                        self._consume(logs)  # else no measured step among these steps: no host sync
+                finally:
+                    self._done = total
             except Exception as exc:
                 self._fail(exc)
 
@@ -232,6 +245,7 @@ class GradWatch(keras.callbacks.Callback):
                 logs["grad_norm"] = norm
 
     def _stats(self, row: np.ndarray, probe: StepProbe) -> StepStats:
+        assert probe.layout is not None
         n, o = probe.n, len(HEAD)
         blocks = {name: row[o + i * n: o + (i + 1) * n] for i, name in enumerate(BLOCKS)}
         return StepStats(
@@ -257,6 +271,7 @@ class GradWatch(keras.callbacks.Callback):
 
     def _fail(self, exc: BaseException) -> None:
         if self.strict:
+            self._stopped = True  # nothing waits for a reader that is gone
             raise exc
         if not self._stopped:
             self._stopped = True

@@ -70,3 +70,15 @@ class FixedControls(Policy):
 
     def decide(self, findings, stats, state, *, can_rollback=False, immediate=True):
         return Decision(step=stats.step, controls=state.controls), state
+
+
+def exploding_regression() -> tuple[keras.Model, np.ndarray, np.ndarray, float, tuple[np.ndarray, np.ndarray]]:
+    """Full-batch gradient descent on a linear regression with a learning rate 1.5x the stability
+    limit: the gradient norm doubles every step. Returns the model, 60 copies of the batch, the
+    learning rate and the batch itself."""
+    x, y = regression_data(64, 8, scale=3.0)
+    with_bias = np.concatenate([x, np.ones((64, 1), "float32")], 1)
+    curvature = 2 / 64 * np.linalg.eigvalsh(with_bias.T @ with_bias).max()
+    keras.utils.set_random_seed(1)
+    model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(1)])
+    return model, np.tile(x, (60, 1)), np.tile(y, (60, 1)), float(3.0 / curvature), (x, y)

@@ -7,7 +7,14 @@ import pytest
 
 keras = pytest.importorskip("keras")
 
-from _keras_helpers import classification_data, mlp, record, regression_data  # noqa: E402
+from _keras_helpers import (  # noqa: E402
+    BACKEND,
+    classification_data,
+    exploding_regression,
+    mlp,
+    record,
+    regression_data,
+)
 
 from gradwatch import GradWatch  # noqa: E402
 
@@ -35,17 +42,6 @@ def test_deep_sigmoid_mlp_vanishes():
     finding = next(f for f in report.findings if f.kind == "vanishing")
     assert finding.layers[0] == model.layers[0].name  # the first Dense layer, by its Keras name
     assert set(finding.evidence["insert_after"]) <= {layer.name for layer in model.layers}
-
-
-def exploding_regression():
-    """Full-batch gradient descent on a linear regression with a learning rate 1.5x the stability
-    limit: the gradient norm doubles every step."""
-    x, y = regression_data(64, 8, scale=3.0)
-    with_bias = np.concatenate([x, np.ones((64, 1), "float32")], 1)
-    curvature = 2 / 64 * np.linalg.eigvalsh(with_bias.T @ with_bias).max()
-    keras.utils.set_random_seed(1)
-    model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(1)])
-    return model, np.tile(x, (60, 1)), np.tile(y, (60, 1)), float(3.0 / curvature), (x, y)
 
 
 def test_too_large_learning_rate_explodes():
@@ -114,7 +110,14 @@ def assert_silent(report):
     assert not report.action_counts, report.summary()
 
 
-@pytest.mark.parametrize("jit_compile", [False, True])
+TORCH_COMPILE = pytest.mark.skipif(
+    BACKEND == "torch",
+    reason="jit_compile=True means torch.compile on the torch backend: ~90 s of compilation on this CPU "
+    "(it passes); XLA (TensorFlow) and jax.jit cover compiled steps here",
+)
+
+
+@pytest.mark.parametrize("jit_compile", [False, pytest.param(True, marks=TORCH_COMPILE)])
 def test_relu_mlp_with_adam_is_silent(jit_compile):
     x, y = classification_data(512, 16, 4)
     report, steps, _ = watch_fit(mlp(16, (32, 32, 32), 4), x, y, optimizer=keras.optimizers.Adam(1e-3),
