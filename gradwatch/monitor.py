@@ -197,7 +197,11 @@ class Monitor:
                 merged = previous[0]
                 merged.count += 1
                 merged.last_step = step
-                merged.layers = tuple(dict.fromkeys(merged.layers + f.layers))
+                layers = tuple(dict.fromkeys(merged.layers + f.layers))
+                if layers != merged.layers:
+                    # New layers joined the episode: the latest message describes it best.
+                    merged.message = f.message
+                merged.layers = layers
                 merged.evidence = f.evidence
                 self._open[key] = (merged, self._measured)
                 continue
@@ -215,14 +219,14 @@ class Monitor:
 
     def _record_history(self, stats: StepStats, decision: Decision) -> None:
         n = len(self._layer_names)
-        grad = np.where(stats.has_grad, stats.grad_norm, 0.0)
+        layout = stats.layout
         with np.errstate(invalid="ignore", over="ignore"):
-            layer_grad = np.sqrt(np.bincount(self._layer_index, weights=grad * grad, minlength=n))
-            param = np.where(np.isnan(stats.param_norm), 0.0, stats.param_norm)
-            layer_param = np.sqrt(np.bincount(self._layer_index, weights=param * param, minlength=n))
-        graded = np.bincount(self._layer_index, weights=stats.has_grad.astype(float), minlength=n) > 0
-        layer_grad = np.where(graded, layer_grad, np.nan)
+            # NaN: the layer had no gradient (frozen, unused); inf: its gradient was non-finite.
+            layer_grad = layout.per_layer_rss(stats.grad_norm, stats.has_grad)
+            everything = np.ones(len(layout), dtype=bool)
+            layer_param = layout.per_layer_rss(np.abs(stats.param_norm), everything)
         bad = np.bincount(self._layer_index, weights=(stats.nonfinite > 0).astype(float), minlength=n) > 0
+        layer_grad = np.where(bad, np.inf, layer_grad)
         self._layer_nonfinite_steps += bad
         self._layer_last = layer_grad
         if stats.params_measured:

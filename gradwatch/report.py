@@ -174,7 +174,7 @@ class Report:
         for i, layer in enumerate(shown):
             if len(self.layers) > max_layers and i == max_layers // 2:
                 rows.append(f"... {len(self.layers) - max_layers} more layers ...")
-            name = str(layer["layer"])
+            name = "".join(c if c.isprintable() else "?" for c in str(layer["layer"]))
             name = name if len(name) <= name_width else "..." + name[-(name_width - 3):]
             dead = layer.get("dead_fraction", math.nan)
             rows.append(
