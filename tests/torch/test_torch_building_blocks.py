@@ -260,3 +260,18 @@ def test_wrappers_do_not_change_the_names():
     assert next(iter(dict(wrapped.named_parameters()))) == "module.0.weight"
     assert build_layout(wrapped).layout.names == build_layout(model).layout.names == (
         "0.weight", "0.bias", "2.weight", "2.bias")
+
+
+def test_clip_grads_handles_sparse_gradients():
+    emb = nn.Embedding(30, 4, sparse=True)
+    lin = nn.Linear(4, 1)
+    lin(emb(torch.tensor([[1, 2, 2, 9]]))).pow(2).sum().mul(100).backward()
+    dense_emb = emb.weight.grad.to_dense().clone()
+    dense_lin = [p.grad.clone() for p in lin.parameters()]
+    total = float(torch.sqrt(sum(g.pow(2).sum() for g in [dense_emb, *dense_lin])))
+    assert total > 1.0
+    returned = clip_grads([emb.weight, *lin.parameters()], 1.0)
+    assert float(returned) == pytest.approx(total, rel=1e-5)
+    coef = 1.0 / (total + 1e-6)
+    assert torch.allclose(emb.weight.grad.to_dense(), dense_emb * coef, rtol=1e-5)
+    assert all(torch.allclose(p.grad, g * coef, rtol=1e-5) for p, g in zip(lin.parameters(), dense_lin))

@@ -219,3 +219,24 @@ def test_auto_rescue_keeps_training_going_with_a_scheduler():
     assert math.isfinite(losses[-1]) and losses[-1] < 0.5 * losses[0]
     assert sched.get_last_lr() == plain_sched.get_last_lr()
     assert copy.deepcopy(w.report().action_counts).get("clip", 0) > 0
+
+
+class StandingClip(FixedPolicy):
+    """A clip level put in force at step 0, as the auto policy does when the norm explodes."""
+
+    def decide(self, findings, stats, state, *, can_rollback=False, immediate=True):
+        state = state._replace(clip_norm=self.clip)
+        clip = self.clip if stats.global_norm > self.clip else None
+        return Decision(step=stats.step, clip_norm=clip, controls=state.controls), state
+
+
+def test_a_standing_clip_also_applies_on_unmeasured_steps():
+    plain = mlp(seed=17, depth=2, width=16)
+    plain_opt = torch.optim.SGD(plain.parameters(), lr=0.05)
+    train(plain, plain_opt, 12, before_step=lambda t: torch.nn.utils.clip_grad_norm_(plain.parameters(), 0.2))
+    model = mlp(seed=17, depth=2, width=16)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    with gradwatch.watch(model, opt, every=4, policy=StandingClip(clip=0.2)) as w:
+        train(model, opt, 12, watch=w)
+    assert w.report().steps_measured == 3
+    assert same_params(plain, model)
