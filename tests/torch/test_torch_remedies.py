@@ -240,3 +240,20 @@ def test_a_standing_clip_also_applies_on_unmeasured_steps():
         train(model, opt, 12, watch=w)
     assert w.report().steps_measured == 3
     assert same_params(plain, model)
+
+
+def test_a_mistyped_lr_jump_is_undone_with_a_rollback():
+    model = mlp(seed=0, act=nn.Tanh, depth=3, width=64)
+    opt = torch.optim.SGD(model.parameters(), lr=0.02)
+
+    def mistype(t: int) -> None:
+        if t == 40:
+            opt.param_groups[0]["lr"] = 2.0  # 100x the LR the run was healthy with
+
+    with gradwatch.watch(model, opt, rollback_every=5) as w:
+        losses = train(model, opt, 60, watch=w, before_step=mistype)
+    report = w.report()
+    assert [(a.kind, a.step) for a in report.actions] == [("lr_decay", 42), ("rollback", 42)]
+    assert w.lr_factor == pytest.approx(0.01)  # the LR the user set, times 0.01: back to 0.02
+    assert opt.param_groups[0]["lr"] == 2.0  # the user's own value is left as set
+    assert losses[-1] < losses[39] and max(losses[43:]) < losses[39]
