@@ -98,7 +98,10 @@ class Watch:
         if isinstance(optimizer, torch.optim.Optimizer):
             optimizers = [optimizer]
         else:
-            optimizers = list(optimizer) if optimizer is not None else []
+            try:
+                optimizers = list(optimizer) if optimizer is not None and not isinstance(optimizer, str) else []
+            except TypeError:
+                optimizers = []
         if not optimizers or not all(isinstance(o, torch.optim.Optimizer) for o in optimizers):
             raise TypeError(
                 "gradwatch.watch(model, optimizer) needs a torch.optim.Optimizer or a list of them. "
@@ -452,8 +455,8 @@ def watch(
             change slowly), and in any case on a step with a non-finite gradient or loss (to see
             non-finite parameters) and before a rollback snapshot. 1: every measured step; 0:
             never. Defaults to 10.
-        monitor: A :class:`gradwatch.Monitor` to use instead of a new one (custom detectors).
-            Defaults to None.
+        monitor: A :class:`gradwatch.Monitor` to use instead of a new one (custom detectors,
+            history length); its own policy is used and ``policy`` is ignored. Defaults to None.
 
     Returns:
         The :class:`Watch` handle: ``record_loss``, ``report``, ``remove``, ``state_dict``,

@@ -204,6 +204,8 @@ def test_arguments_are_checked():
     model, opt = setup()
     with pytest.raises(TypeError, match="torch.optim.Optimizer"):
         gradwatch.watch(model, "adam")
+    with pytest.raises(TypeError, match="torch.optim.Optimizer"):
+        gradwatch.watch(model, 3)
     with pytest.raises(ValueError, match="every must be"):
         gradwatch.watch(model, opt, every=0)
     with pytest.raises(ValueError, match="rollback_every"):
