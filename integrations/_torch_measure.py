@@ -184,7 +184,7 @@ def measure_tensors(
     n_rest = len(plan.rest_at)
     grad_norm[plan.rest_at] = host[pos:pos + n_rest]
     pos += n_rest
-    param_norm: np.ndarray | None = None
+    param_norm: Any = None
     if fresh_params:
         param_norm = np.full(n, np.nan)
         param_norm[plan.present_at] = host[pos:pos + len(present)]
@@ -196,12 +196,12 @@ def measure_tensors(
     if tensor_loss:
         loss_value = values.pop(0)
     elif loss is not None:
-        loss_value = float(loss)  # type: ignore[arg-type]
+        loss_value = float(loss)
     scale_value: float | None = None
     if tensor_scale:
         scale_value = values.pop(0)
     elif grad_scale is not None:
-        scale_value = float(grad_scale)  # type: ignore[arg-type]
+        scale_value = float(grad_scale)
     if scale_value is not None:
         grad_norm /= scale_value
     tail_values = values

@@ -49,7 +49,9 @@ import numpy as np
 
 from gradwatch.errors import GradwatchWarning, require
 
-torch = require("torch", "torch")
+require("torch", "torch")  # a missing PyTorch raises MissingExtraError naming the extra to install
+
+import torch  # noqa: E402
 
 from gradwatch.monitor import Monitor  # noqa: E402
 from gradwatch.policy import Decision, Policy  # noqa: E402
@@ -176,6 +178,7 @@ class Watch:
         if not self._active:
             return
         try:
+            value: Any
             if isinstance(loss, torch.Tensor):
                 value = loss.detach()
                 if value.dim() != 0 or value.dtype != torch.float32:

@@ -20,8 +20,10 @@ from typing import Any
 
 from gradwatch.errors import require
 
-torch = require("torch", "torch")
-nn = torch.nn
+require("torch", "torch")  # a missing PyTorch raises MissingExtraError naming the extra to install
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
 
 import gradwatch  # noqa: E402
 from gradwatch.report import Report  # noqa: E402

@@ -244,3 +244,19 @@ def test_no_warning_on_a_healthy_run():
         warnings.simplefilter("error")
         with gradwatch.watch(model, opt) as w:
             train(model, opt, 10, watch=w)
+
+
+def test_without_pytorch_the_error_names_the_extra():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['torch'] = None\n"
+        "import gradwatch\n"
+        "try:\n"
+        "    gradwatch.watch\n"
+        "except gradwatch.MissingExtraError as exc:\n"
+        "    print(exc)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "pip install 'gradwatch[torch]'" in out.stdout, out.stdout + out.stderr
