@@ -34,5 +34,13 @@ lint: $(VENV)/.test-deps
 docs: $(VENV)/.test-deps
 	$(BIN)/mkdocs build --strict
 
+# Detection, remedies and overhead in quick mode (< 10 min on 2 shared cores); rewrites docs/benchmarks.md.
+bench: $(VENV)/.test-deps
+	mkdir -p build/bench && rm -f build/bench/*.json
+	KERAS_BACKEND=tensorflow TF_CPP_MIN_LOG_LEVEL=3 $(BIN)/python -m benchmarks.detection --json build/bench/detection.json > build/bench/detection.md
+	$(BIN)/python -m benchmarks.remedy --json build/bench/remedy.json > build/bench/remedy.md
+	TF_CPP_MIN_LOG_LEVEL=3 $(BIN)/python -m benchmarks.overhead --quick --json build/bench/overhead.json > build/bench/overhead.md
+	$(BIN)/python -m benchmarks.docs_page build/bench docs/benchmarks.md
+
 clean:
 	rm -rf $(VENV) build dist site *.egg-info

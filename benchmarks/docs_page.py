@@ -1,0 +1,166 @@
+"""Write ``docs/benchmarks.md`` from the JSON the three benchmarks saved, with the machine.
+
+Usage (from the repository root)::
+
+    python -m benchmarks.docs_page build/bench docs/benchmarks.md
+
+Reads ``detection*.json`` (several: one per Keras backend, say), ``remedy.json`` and
+``overhead.json`` from the folder; a missing file leaves its section saying so.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from benchmarks.detection.scoring import LabelCheck, Outcome, markdown_summary, markdown_table
+
+PACKAGES = ("torch", "keras", "tensorflow-cpu", "jax", "lightning", "wandb", "numpy")
+
+
+def machine() -> str:
+    """``lscpu | head -20``, Python and package versions, thread settings."""
+    try:
+        cpu = subprocess.run("lscpu | head -20", shell=True, capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        cpu = "(lscpu not available)"
+    versions = []
+    for name in PACKAGES:
+        try:
+            versions.append(f"{name} {metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            versions.append(f"{name} (not installed)")
+    try:
+        import gradwatch
+
+        versions.insert(0, f"gradwatch {gradwatch.__version__}")
+    except (ImportError, AttributeError):
+        pass
+    load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
+    return "\n".join([
+        "```text",
+        cpu.rstrip(),
+        "```",
+        "",
+        f"Python {platform.python_version()} on {platform.platform()}; " + ", ".join(versions) + ".",
+        f"Threads: PyTorch `torch.set_num_threads(1)` in every benchmark; TensorFlow intra/inter-op 1 in the "
+        f"overhead benchmark; {os.cpu_count()} logical CPUs shared with other jobs (load average "
+        f"{load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} when the page was written).",
+    ])
+
+
+def _outcome(d: dict[str, Any]) -> Outcome:
+    check = LabelCheck(**d["check"])
+    fields = {k: v for k, v in d.items() if k not in ("check", "verdict")}
+    return Outcome(check=check, **fields)
+
+
+def detection_section(folder: Path) -> str:
+    files = sorted(folder.glob("detection*.json"))
+    if not files:
+        return "Not run."
+    outcomes: list[Outcome] = []
+    notes = []
+    seconds = 0.0
+    for f in files:
+        data = json.loads(f.read_text())
+        outcomes += [_outcome(d) for d in data["outcomes"]]
+        seconds += data.get("seconds", 0.0)
+        if data.get("keras_error"):
+            notes.append(data["keras_error"])
+    frameworks = list(dict.fromkeys(o.framework for o in outcomes))
+    parts = [markdown_summary([o for o in outcomes if o.framework == fw], fw) for fw in frameworks]
+    parts += notes
+    parts.append(f"Wall time: {seconds:.0f} s.")
+    return "\n\n".join(parts) + "\n\n" + markdown_table(outcomes)
+
+
+def remedy_section(folder: Path) -> str:
+    path = folder / "remedy.json"
+    if not path.exists():
+        return "Not run."
+    from benchmarks.remedy import markdown
+
+    result = json.loads(path.read_text())
+    return markdown(result) + f"\n\nWall time: {result.get('seconds', 0):.0f} s."
+
+
+def overhead_section(folder: Path) -> str:
+    path = folder / "overhead.json"
+    if not path.exists():
+        return "Not run."
+    from benchmarks.overhead import markdown
+
+    result = json.loads(path.read_text())
+    return markdown(result) + f"\n\nWall time: {result.get('seconds', 0):.0f} s."
+
+
+HEADER = """# Benchmarks
+
+Every number gradwatch claims comes from a script in `benchmarks/` that anyone can rerun; this page
+holds the last results and the machine they came from. `make bench` reruns all three in quick mode
+(Keras on the TensorFlow backend) and rewrites this page; `benchmarks/README.md` says how to run
+each one in full (more timing rounds and sizes, every Keras backend).
+
+* **Detection**: labelled training scenarios on synthetic data. Each scenario's label is checked
+  by an independent measurement in the scenario itself (plain autograd / the backend's autodiff,
+  the unwatched loss, the layer outputs), then the run is watched with `policy="observe"` and
+  scored: detected or not, the kind, the latency in steps from the onset, false alarms (any
+  warning or error finding on a healthy scenario, or before the onset). Targets: no false alarm,
+  every pathology found, median latency within 10 steps.
+* **Remedies**: each diverging or non-finite PyTorch scenario trained unwatched, with gradwatch
+  (`auto`), with `clip_grad_norm_(1.0)`, with AutoClip (10th percentile) and with ZClip
+  (z-score on an EMA, written from the papers in `benchmarks/clipping.py`). Targets: gradwatch
+  rescues at least 90% and ends within 10% of the best clipping rule's final loss.
+* **Overhead**: per-step cost against the same loop unwatched, in the same process, and against
+  what people use today for the same information.
+
+Where a target is missed, the tables say so; nothing is left out.
+"""
+
+
+def render(folder: Path) -> str:
+    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return "\n".join([
+        HEADER,
+        f"Last run: {stamp}.",
+        "",
+        "## Machine",
+        "",
+        machine(),
+        "",
+        "## Detection",
+        "",
+        detection_section(folder),
+        "",
+        "## Remedies",
+        "",
+        remedy_section(folder),
+        "",
+        "## Overhead",
+        "",
+        overhead_section(folder),
+        "",
+    ])
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 2:
+        print("usage: python -m benchmarks.docs_page RESULTS_FOLDER OUTPUT.md", file=sys.stderr)
+        return 2
+    folder, out = Path(args[0]), Path(args[1])
+    out.write_text(render(folder))
+    print(f"wrote {out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
