@@ -8,7 +8,9 @@ Three rules, each judged against the run's own history rather than a fixed numbe
    absorbed slowly instead of being flagged forever. Judged only after ``warmup`` finite steps.
 2. **Sustained growth** (severity ``error``): over the last ``window`` steps the norm rose by more
    than ``growth_factor``, most step-to-step changes were increases, and the newest value is the
-   largest. Needs no warm-up, so a run that diverges from step 0 is caught too.
+   largest. Needs no warm-up, so a run that diverges from step 0 is caught too: judged from the
+   third finite step on, over the steps seen so far, so that a run which grows ``growth_factor``
+   in fewer than ``window`` steps and then turns non-finite is still called an explosion.
 3. **Update-to-weight ratio** (severity ``warning``): when the adapter measures the update, any
    weight tensor whose update is larger than ``max_update_ratio`` times its norm.
 
@@ -149,7 +151,7 @@ def exploding(
                     "clip_threshold": clip_level,
                 },
             ))
-        if filled == window:
+        if filled >= 3:
             rise = history[-1] - history.min()
             ups = float(np.mean(np.diff(history) > 0))
             if rise > math.log(growth_factor) and ups >= 0.6 and history[-1] >= history.max():

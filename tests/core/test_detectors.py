@@ -67,6 +67,19 @@ def test_exploding_found_within_ten_steps_of_onset(onset):
     assert all(f.evidence["clip_threshold"] > 0 for f in found)
 
 
+def test_exploding_growth_is_judged_before_the_window_fills():
+    # An LR far too high from step 0: x10 per step, non-finite after a handful of steps. With the
+    # growth rule waiting for a full window (10 steps) the run would be non-finite before any
+    # explosion was called; judged over the steps seen so far it is called at step 3 (1000x).
+    found, _ = run(detectors.exploding(), testing.exploding_stream(onset=0, steps=6, growth=10.0))
+    growth = [f for f in found if f.evidence["rule"] == "growth"]
+    assert growth and growth[0].step == 3 and growth[0].severity == "error"
+    # The same rule stays silent on every healthy trap's first steps (warm-up spikes included).
+    for name, stream in testing.healthy_streams().items():
+        early, _ = run(detectors.exploding(), list(stream)[:12])
+        assert early == [], name
+
+
 def test_exploding_lr_jump_is_a_spike_with_a_clip_level_from_history():
     found, _ = run(detectors.exploding(), testing.lr_jump_stream(jump_at=300, steps=305))
     first = found[0]
