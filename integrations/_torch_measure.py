@@ -12,6 +12,9 @@
 * sparse gradients (``nn.Embedding(sparse=True)``): coalesced, the norm of the values.
 * fp16/bf16 gradients and parameters: norms accumulated in float32.
 * parameter norms: one ``torch._foreach_norm`` (the vanishing detector compares ``||g|| / ||W||``).
+* small tensors (at most :data:`SMALL` elements) that share a shape — the biases, norms and
+  narrow layers of a deep model — are stacked and reduced in one op per shape: for them the cost
+  is the per-op dispatch (a few microseconds per tensor on a CPU), not the read.
 
 Non-finite values are read off the norms (a NaN or Inf element makes its tensor's norm non-finite).
 Only on that rare path are the non-finite elements of the affected tensors counted, in a second
@@ -75,19 +78,50 @@ def _to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t if t.device == device else t.to(device)
 
 
-class _Plan:
-    """How to reduce one presence pattern of gradients (cached: it rarely changes)."""
+SMALL = 1 << 16
+"""Tensors of at most this many elements that share a shape are stacked and reduced in one op:
+for them the cost is the per-op dispatch, not the read (a model with many small layers)."""
 
-    __slots__ = ("has_grad", "order", "present", "rows", "row_idx", "flat_idx", "sparse_idx", "low_flat",
-                 "low_params", "row_at", "rest_at", "present_at")
+
+def _groups(indices: list[int], tensors: Sequence[torch.Tensor]) -> tuple[list[int], list[list[int]]]:
+    """Split ``indices`` into singles and groups of >= 2 small tensors of the same shape, dtype
+    and device."""
+    by_key: dict[Any, list[int]] = {}
+    singles: list[int] = []
+    for i in indices:
+        t = tensors[i]
+        if t.numel() <= SMALL:
+            by_key.setdefault((tuple(t.shape), t.dtype, t.device), []).append(i)
+        else:
+            singles.append(i)
+    groups = []
+    for members in by_key.values():
+        if len(members) >= 2:
+            groups.append(members)
+        else:
+            singles += members
+    return sorted(singles), groups
+
+
+class _Plan:
+    """How to reduce one presence pattern of gradients (cached: it rarely changes).
+
+    The host vector is laid out as: per-tensor scalars (grad norms, non-zero row counts), the
+    per-tensor parameter norms (when measured), the caller's scalars (loss, scale, extras), then the
+    grouped vectors (grad norms and non-zero row counts of stacked groups), then the grouped
+    parameter norms (when measured).
+    """
 
     def __init__(self, tp: TorchParams, grads: list[torch.Tensor | None], present: tuple[int, ...]) -> None:
         params = tp.params
+        n = len(params)
         self.present = list(present)
-        self.has_grad = np.zeros(len(params), dtype=bool)
+        self.present_at = np.array(self.present, dtype=np.intp)
+        self.has_grad = np.zeros(n, dtype=bool)
         self.has_grad[self.present] = True
-        self.row_idx: list[int] = []
-        self.flat_idx: list[int] = []
+        dense: list[torch.Tensor] = [g if g is not None else params[i] for i, g in enumerate(grads)]
+        row_idx: list[int] = []
+        flat_idx: list[int] = []
         self.sparse_idx: list[int] = []
         for i in present:
             g = grads[i]
@@ -95,16 +129,49 @@ class _Plan:
             if g.is_sparse:
                 self.sparse_idx.append(i)
             elif tp.unit_rows[i] and g.dim() >= 2 and g.shape[0] > 0:
-                self.row_idx.append(i)
+                row_idx.append(i)
             else:
-                self.flat_idx.append(i)
-        self.order = self.row_idx + self.flat_idx + self.sparse_idx
-        self.rows = np.array([params[i].shape[0] for i in self.row_idx], dtype=np.float64)
-        self.low_flat = any(grads[i].dtype in LOW_PRECISION for i in self.flat_idx)  # type: ignore[union-attr]
-        self.low_params = any(params[i].dtype in LOW_PRECISION for i in self.present)
-        self.row_at = np.array(self.row_idx, dtype=np.intp)
-        self.rest_at = np.array(self.flat_idx + self.sparse_idx, dtype=np.intp)
-        self.present_at = np.array(self.present, dtype=np.intp)
+                flat_idx.append(i)
+        self.row_single, self.row_groups = _groups(row_idx, dense)
+        self.flat_single, self.flat_groups = _groups(flat_idx, dense)
+        self.param_single, self.param_groups = _groups(self.present, params)
+        self.low_flat = any(dense[i].dtype in LOW_PRECISION for i in self.flat_single)
+        self.low_params = any(params[i].dtype in LOW_PRECISION for i in self.param_single)
+        self.group_rows = [int(dense[members[0]].shape[0]) for members in self.row_groups]
+        # Where each number lands: (positions in the block, tensor indices).
+        k = len(self.row_single)
+        self.scalar_grad = self.row_single + self.flat_single + self.sparse_idx
+        self.scalar_grad_pos = np.array(list(range(k)) + list(range(2 * k, 2 * k + len(self.flat_single) + len(self.sparse_idx))), dtype=np.intp)
+        self.scalar_zero_pos = np.arange(k, 2 * k, dtype=np.intp)
+        self.n_scalars = 2 * k + len(self.flat_single) + len(self.sparse_idx)
+        vec_grad: list[int] = []
+        vec_grad_pos: list[int] = []
+        vec_zero: list[int] = []
+        vec_zero_pos: list[int] = []
+        pos = 0
+        for members in self.row_groups:
+            vec_grad += members
+            vec_grad_pos += range(pos, pos + len(members))
+            vec_zero += members
+            vec_zero_pos += range(pos + len(members), pos + 2 * len(members))
+            pos += 2 * len(members)
+        for members in self.flat_groups:
+            vec_grad += members
+            vec_grad_pos += range(pos, pos + len(members))
+            pos += len(members)
+        self.n_vector = pos
+        self.vec_grad = np.array(vec_grad, dtype=np.intp)
+        self.vec_grad_pos = np.array(vec_grad_pos, dtype=np.intp)
+        self.vec_zero = np.array(vec_zero, dtype=np.intp)
+        self.vec_zero_pos = np.array(vec_zero_pos, dtype=np.intp)
+        self.scalar_grad_at = np.array(self.scalar_grad, dtype=np.intp)
+        self.scalar_zero_at = np.array(self.row_single, dtype=np.intp)
+        self.param_group_at = np.array([i for g in self.param_groups for i in g], dtype=np.intp)
+        self.param_single_at = np.array(self.param_single, dtype=np.intp)
+        rows = np.ones(n)
+        for i in row_idx:
+            rows[i] = params[i].shape[0]
+        self.rows = rows
 
 
 def _plan(tp: TorchParams, grads: list[torch.Tensor | None]) -> _Plan:
@@ -118,6 +185,16 @@ def _plan(tp: TorchParams, grads: list[torch.Tensor | None]) -> _Plan:
             cache.clear()
         plan = cache[key] = _Plan(tp, grads, present)
     return plan
+
+
+def _stacked_norms(tensors: list[torch.Tensor], rows: int = 0) -> torch.Tensor:
+    """Norms of a group of same-shape tensors in one op: per tensor ``[k]``, or with ``rows`` per
+    row ``[k, rows]``."""
+    stacked = torch.stack(tensors)
+    kwargs = {"dtype": torch.float32} if stacked.dtype in LOW_PRECISION else {}
+    if rows:
+        return torch.linalg.vector_norm(stacked.reshape(len(tensors), rows, -1), dim=2, **kwargs)
+    return torch.linalg.vector_norm(stacked.reshape(len(tensors), -1), dim=1, **kwargs)
 
 
 def measure_tensors(
@@ -144,25 +221,26 @@ def measure_tensors(
     device = params[present[0]].device if present else params[0].device
     with torch.no_grad():
         scalars: list[torch.Tensor] = []
-        if plan.row_idx:
+        if plan.row_single:
             # One read of each weight gradient: the L2 norm of every output row (unit). The
             # tensor's norm is the norm of its row norms; its dead units are the rows whose norm
             # is exactly 0, counted by the L0 "norm" (number of non-zeros) of the row norms.
-            rows = [_row_norms(grads[i]) for i in plan.row_idx]  # type: ignore[arg-type]
+            rows = [_row_norms(grads[i]) for i in plan.row_single]  # type: ignore[arg-type]
             scalars += torch._foreach_norm(rows)
             scalars += torch._foreach_norm(rows, 0)
             del rows
-        flat = [grads[i] for i in plan.flat_idx]
-        if flat:
+        if plan.flat_single:
+            flat = [grads[i] for i in plan.flat_single]
             scalars += _norms(flat) if plan.low_flat else torch._foreach_norm(flat)  # type: ignore[arg-type]
-        del flat
+            del flat
         for i in plan.sparse_idx:
             values = grads[i].coalesce().values()  # type: ignore[union-attr]
             kwargs = {"dtype": torch.float32} if values.dtype in LOW_PRECISION else {}
             scalars.append(torch.linalg.vector_norm(values, **kwargs))
-        if fresh_params and present:
-            weights = [params[i].detach() for i in present]
+        if fresh_params and plan.param_single:
+            weights = [params[i] for i in plan.param_single]  # under no_grad: no detach needed
             scalars += _norms(weights) if plan.low_params else torch._foreach_norm(weights)
+        n_fixed = len(scalars)
         tensor_loss = isinstance(loss, torch.Tensor)
         if isinstance(loss, torch.Tensor):
             scalars.append(loss.detach())
@@ -170,28 +248,40 @@ def measure_tensors(
         if isinstance(grad_scale, torch.Tensor):
             scalars.append(grad_scale)
         scalars += [torch.as_tensor(e) for e in extras]
-        host = _stack(scalars, device).cpu().numpy().astype(np.float64) if scalars else np.zeros(0)
-    del grads, scalars
+        vectors: list[torch.Tensor] = []
+        for group, n_rows in zip(plan.row_groups, plan.group_rows):
+            row_norms = _stacked_norms([grads[i] for i in group], n_rows)  # type: ignore[misc]
+            vectors += [torch.linalg.vector_norm(row_norms, dim=1), torch.linalg.vector_norm(row_norms, 0, dim=1)]
+        for group in plan.flat_groups:
+            vectors.append(_stacked_norms([grads[i] for i in group]))  # type: ignore[misc]
+        if fresh_params:
+            vectors += [_stacked_norms([params[i] for i in group]) for group in plan.param_groups]
+        n_tail = len(scalars) - n_fixed
+        parts = ([_stack(scalars, device)] if scalars else []) + [_to(v, device) for v in vectors]
+        host = (torch.cat(parts) if len(parts) > 1 else parts[0]).cpu().numpy().astype(np.float64) if parts else np.zeros(0)
+    del grads, scalars, vectors, parts
 
-    n_rows = len(plan.row_idx)
     grad_norm = np.full(n, np.nan)
-    zero_fraction = np.full(n, np.nan)
-    pos = 0
-    if n_rows:
-        grad_norm[plan.row_at] = host[:n_rows]
-        zero_fraction[plan.row_at] = 1.0 - host[n_rows:2 * n_rows] / plan.rows
-        pos = 2 * n_rows
-    n_rest = len(plan.rest_at)
-    grad_norm[plan.rest_at] = host[pos:pos + n_rest]
-    pos += n_rest
+    nonzero_rows = np.full(n, np.nan)
+    grad_norm[plan.scalar_grad_at] = host[plan.scalar_grad_pos]
+    nonzero_rows[plan.scalar_zero_at] = host[plan.scalar_zero_pos]
+    pos = plan.n_scalars
     param_norm: Any = None
     if fresh_params:
         param_norm = np.full(n, np.nan)
-        param_norm[plan.present_at] = host[pos:pos + len(present)]
-        pos += len(present)
+        k = len(plan.param_single)
+        param_norm[plan.param_single_at] = host[pos:pos + k]
+        pos += k
+    assert pos == n_fixed
+    values = host[n_fixed:n_fixed + n_tail].tolist()
+    vec = host[n_fixed + n_tail:]
+    grad_norm[plan.vec_grad] = vec[plan.vec_grad_pos]
+    nonzero_rows[plan.vec_zero] = vec[plan.vec_zero_pos]
+    if fresh_params and len(plan.param_group_at):
+        param_norm[plan.param_group_at] = vec[plan.n_vector:]
     elif isinstance(param_norms, np.ndarray):
         param_norm = param_norms
-    values = host[pos:].tolist()
+    zero_fraction = 1.0 - nonzero_rows / plan.rows  # NaN where rows are not counted
     loss_value: float | None = None
     if tensor_loss:
         loss_value = values.pop(0)
@@ -216,9 +306,9 @@ def measure_tensors(
             _count_nonfinite(tp, bad, grad_norm, nonfinite, scale_value)
         if not fresh_params and param_norms is not False and present:
             with torch.no_grad():
-                now = torch.stack(_norms([params[i].detach() for i in present])).cpu().numpy()
+                now = torch.stack(_norms([params[i] for i in present])).cpu().numpy()
             param_norm = np.full(n, np.nan) if param_norm is None else param_norm.copy()
-            param_norm[present] = now
+            param_norm[plan.present_at] = now
     stats = StepStats(
         step=step,
         layout=tp.layout,

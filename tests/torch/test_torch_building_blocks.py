@@ -275,3 +275,27 @@ def test_clip_grads_handles_sparse_gradients():
     coef = 1.0 / (total + 1e-6)
     assert torch.allclose(emb.weight.grad.to_dense(), dense_emb * coef, rtol=1e-5)
     assert all(torch.allclose(p.grad, g * coef, rtol=1e-5) for p, g in zip(lin.parameters(), dense_lin))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_small_same_shape_tensors_are_reduced_together_with_the_same_results(dtype):
+    model = mlp(seed=6, depth=6, width=16).to(dtype)  # five 16x16 weights, six 16-biases: stacked
+    x, y = regression_data(n=32)
+    nn.functional.mse_loss(model(x.to(dtype)).float(), y).backward()
+    model[4].weight.grad[3].zero_()
+    model[4].weight.grad[5].zero_()
+    tp = build_layout(model)
+    stats = measure(tp, step=0)
+    ref = _reference(model)
+    rel = 1e-5 if dtype == torch.float32 else 1e-2
+    for i, name in enumerate(tp.layout.names):
+        g, p, zero = ref[name]
+        assert stats.grad_norm[i] == pytest.approx(g, rel=rel), name
+        assert stats.param_norm[i] == pytest.approx(p, rel=rel), name
+        if tp.unit_rows[i]:
+            assert stats.zero_fraction[i] == pytest.approx(zero), name
+    assert stats.zero_fraction[tp.layout.names.index("4.weight")] >= 2 / 16
+    model[6].weight.grad[1, 2] = float("nan")  # inside a stacked group
+    bad = measure(tp, step=1)
+    assert not bad.finite and bad.nonfinite[tp.layout.names.index("6.weight")] == 1
+    assert bad.nonfinite.sum() == 1
