@@ -24,6 +24,7 @@ import math
 import threading
 import time
 import warnings
+from collections import deque
 from typing import Any
 
 import numpy as np
@@ -107,7 +108,10 @@ class GradWatch(keras.callbacks.Callback):
         self._fit_batches0 = 0
         self._fit_count0 = 0
         self._loss_scale_skips = 0
-        self._pending: Any = None
+        self._due: deque[int] = deque()
+        """Batch counts after executions with a measured step (main thread only)."""
+        self._decisions: deque[tuple[int, Any]] = deque()
+        """(batches read, controls) whenever the monitor's controls changed, oldest first."""
         self._written: Any = None
         self._epoch_norms: list[float] = []
 
@@ -133,7 +137,9 @@ class GradWatch(keras.callbacks.Callback):
                 remedies=not isinstance(self.monitor.policy, ObservePolicy), strict=self.strict,
             )
             self._probe.install(self.monitor.controls, self._count)
-            self._written, self._pending = self.monitor.controls, None
+            self._written = self.monitor.controls
+            self._decisions.clear()
+            self._due.clear()
             self._fit_batches0, self._fit_count0, self._loss_scale_skips = self._batches, self._count, 0
             self._started = self._done = self._batches
             # The train function was traced before this hook; trace it again with the probe in.
@@ -151,17 +157,25 @@ class GradWatch(keras.callbacks.Callback):
         if probe is None or self._stopped:
             return
         started = self._epoch_base + int(batch)
+        # New controls take effect one execution after the one they were decided on, the same on
+        # every backend and whatever the timing of the asynchronous reader: a run is reproducible
+        # while the reader of execution k overlaps the device running execution k + 1.
+        decided_by = started - probe.steps_per_execution
         previous, self._started = self._started, started
-        # With remedies on, the batch after a measured one waits for its reading, so the new
-        # controls take effect at a fixed step (a run is reproducible); other batches run ahead.
-        measured = probe.remedies and (started - 1) // self.every != (previous - 1) // self.every
-        self._keep_up(started, probe, started if measured else -1)
-        pending = self._pending
-        if pending is None or pending == self._written:
+        if probe.remedies and started > previous and (started - 1) // self.every != (previous - 1) // self.every:
+            self._due.append(started)  # the execution that just ended has a measured step
+        read_through = -1
+        while self._due and self._due[0] <= decided_by:
+            read_through = self._due.popleft()
+        self._keep_up(started, probe, read_through)
+        controls = None
+        while self._decisions and self._decisions[0][0] <= decided_by:
+            controls = self._decisions.popleft()[1]
+        if controls is None or controls == self._written:
             return
         try:
-            probe.write_controls(pending)
-            self._written = pending
+            probe.write_controls(controls)
+            self._written = controls
         except Exception as exc:
             self._fail(exc)
 
@@ -193,7 +207,7 @@ class GradWatch(keras.callbacks.Callback):
                     if (total - 1) // self.every != (previous - 1) // self.every:
                         self._consume(logs)  # else no measured step among these steps: no host sync
                 finally:
-                    self._done = total
+                    self._done = max(self._done, total)
             except Exception as exc:
                 self._fail(exc)
 
@@ -235,9 +249,13 @@ class GradWatch(keras.callbacks.Callback):
             stats = self._stats(row, probe)
             self.monitor.observe(stats, immediate=False)
             newest = stats
+            controls = self.monitor.controls
+            if controls != (self._decisions[-1][1] if self._decisions else self._written):
+                # Keyed by the batch count through this step (not by this call: calls may run out
+                # of order), so the controls take effect at the same step whatever the timing.
+                self._decisions.append((self._fit_batches0 + step + 1 - self._fit_count0, controls))
         self._next_step = max(self._next_step, count)
         self._count = count
-        self._pending = self.monitor.controls
         if newest is not None:
             norm = float(newest.global_norm)
             self._epoch_norms.append(norm)
@@ -351,4 +369,5 @@ class GradWatch(keras.callbacks.Callback):
         self._next_step = int(state["next_step"])
         self._batches = self._done = int(state["batches"])
         self._loss_scale_skips = int(state["loss_scale_skips"])
-        self._pending = self.monitor.controls
+        self._decisions.clear()
+        self._decisions.append((self._batches, self.monitor.controls))
