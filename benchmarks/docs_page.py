@@ -126,11 +126,44 @@ Where a target is missed, the tables say so; nothing is left out.
 """
 
 
+def targets(folder: Path) -> str:
+    """The issue's targets, each marked met or missed, from the saved results."""
+    from benchmarks.detection.scoring import summarise
+
+    lines = ["| target | result | met |", "| --- | --- | --- |"]
+    outcomes: list[Outcome] = []
+    for f in sorted(folder.glob("detection*.json")):
+        outcomes += [_outcome(d) for d in json.loads(f.read_text())["outcomes"]]
+    for fw in dict.fromkeys(o.framework for o in outcomes):
+        t = summarise([o for o in outcomes if o.framework == fw])
+        alarms = t["false_alarm_scenarios"]
+        lines.append(f"| {fw}: no false alarm on a healthy scenario | {len(alarms)} of {t['healthy']} with one"
+                     + (f" ({', '.join(alarms)})" if alarms else "") + f" | {'yes' if not alarms else '**no**'} |")
+        lines.append(f"| {fw}: every pathology found | {t['detected']}/{t['pathological']}"
+                     + (f" (missed: {', '.join(t['missed'])})" if t["missed"] else "")
+                     + f" | {'yes' if not t['missed'] else '**no**'} |")
+        med = t["median_latency"]
+        lines.append(f"| {fw}: median latency within 10 steps | {"-" if med is None else f"{med:g}"} | "
+                     f"{'yes' if med is not None and med <= 10 else '**no**'} |")
+    remedy = folder / "remedy.json"
+    if remedy.exists():
+        r = json.loads(remedy.read_text())
+        n, rescued, within = r["scenarios"], r["rescued"]["gradwatch"], r["gradwatch_within_10pct"]
+        lines.append(f"| remedies: `auto` rescues at least 90% | {rescued}/{n} | {'yes' if rescued >= 0.9 * n else '**no**'} |")
+        lines.append(f"| remedies: `auto` within 10% of the best clipping rule | {within}/{n} | "
+                     f"{'yes' if within == n else '**no**'} |")
+    return "\n".join(lines)
+
+
 def render(folder: Path) -> str:
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     return "\n".join([
         HEADER,
         f"Last run: {stamp}.",
+        "",
+        "## Targets",
+        "",
+        targets(folder),
         "",
         "## Machine",
         "",

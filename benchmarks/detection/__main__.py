@@ -49,6 +49,12 @@ def _guarded(detect: Any, scenario: Any, framework: str) -> Outcome:
 
 
 def run_keras(only: list[str]) -> list[Outcome]:
+    import os
+
+    if os.environ.get("KERAS_BACKEND") == "torch":
+        import torch
+
+        torch.set_num_threads(1)
     from .keras_harness import BACKEND, detect
     from .keras_scenarios import SCENARIOS
 
