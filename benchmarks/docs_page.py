@@ -143,7 +143,8 @@ def targets(folder: Path) -> str:
                      + (f" (missed: {', '.join(t['missed'])})" if t["missed"] else "")
                      + f" | {'yes' if not t['missed'] else '**no**'} |")
         med = t["median_latency"]
-        lines.append(f"| {fw}: median latency within 10 steps | {"-" if med is None else f"{med:g}"} | "
+        shown = "-" if med is None else f"{med:g}"
+        lines.append(f"| {fw}: median latency within 10 steps | {shown} | "
                      f"{'yes' if med is not None and med <= 10 else '**no**'} |")
     remedy = folder / "remedy.json"
     if remedy.exists():
