@@ -78,6 +78,8 @@ class PolicyState(NamedTuple):
     """Layers already named in a BatchNorm recommendation."""
     recent_lr: tuple = ()
     """The user's scheduled learning rate (before gradwatch's factor) on recent healthy steps."""
+    clip_streak: int = 0
+    """Consecutive measured steps whose norm was over ``heavy_clip_ratio`` times the clip level."""
 
     @property
     def controls(self) -> Controls:
@@ -159,6 +161,10 @@ class AutoPolicy(Policy):
             when the adapter keeps a snapshot (the update made at the jumped LR is undone).
             Needs the adapter to report ``StepStats.lr``. Defaults to 10.0.
         lr_window: Healthy steps whose LR form that median. Defaults to 10.
+        heavy_clip_ratio: Clipping that has to cut the norm by more than this factor on every one
+            of ``cooldown`` consecutive steps is holding back an LR that is too high: the LR is
+            decayed (the detector stops calling such a steady state an explosion, since it
+            adapts to it; the policy does not). Defaults to 2.0.
 
     Raises:
         ValueError: for a factor outside (0, 1) or a negative count.
@@ -181,6 +187,7 @@ class AutoPolicy(Policy):
         nonfinite_window: int = 50,
         lr_jump_ratio: float = 10.0,
         lr_window: int = 10,
+        heavy_clip_ratio: float = 2.0,
     ) -> None:
         if not 0.0 < decay_factor < 1.0:
             raise ValueError(f"AutoPolicy does not support a decay_factor outside (0, 1). Received decay_factor={decay_factor}.")
@@ -208,6 +215,9 @@ class AutoPolicy(Policy):
             )
         self.lr_jump_ratio = lr_jump_ratio
         self.lr_window = lr_window
+        if not heavy_clip_ratio >= 1.0:
+            raise ValueError(f"heavy_clip_ratio must be >= 1. Received heavy_clip_ratio={heavy_clip_ratio}.")
+        self.heavy_clip_ratio = heavy_clip_ratio
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, **{k: v for k, v in vars(self).items() if not k.startswith("_")}}
@@ -232,6 +242,8 @@ class AutoPolicy(Policy):
             nonlocal s
             if not self.lr_decay or step - s.last_decay_step < self.cooldown:
                 return
+            if any(a.kind == "lr_decay" for a in actions):
+                return  # one decay per step, whatever the reasons
             new = max(s.lr_factor * self.decay_factor, self.min_lr_factor)
             if new >= s.lr_factor:
                 return
@@ -296,6 +308,16 @@ class AutoPolicy(Policy):
                 s = s._replace(clip_norm=min(s.clip_norm, level))
         elif exploding and not self.clip:
             decay("exploding", "the gradient norm explodes")
+        norm = stats.global_norm
+        if math.isfinite(s.clip_norm) and stats.finite:
+            streak = s.clip_streak + 1 if norm > self.heavy_clip_ratio * s.clip_norm else 0
+            s = s._replace(clip_streak=streak)
+            if streak >= max(self.cooldown, 1):
+                factor_before = s.lr_factor
+                decay("exploding", f"clipping cut the norm by over {self.heavy_clip_ratio:g}x on {streak} "
+                      "steps in a row: the learning rate is too high for this model")
+                if s.lr_factor < factor_before:
+                    s = s._replace(clip_streak=0)
 
         if self.recommend_batchnorm:
             for f in by_kind.get("vanishing", []):
@@ -312,7 +334,6 @@ class AutoPolicy(Policy):
         applied = s.controls if immediate else before
         skip = rollback or (not stats.finite and applied.skip_nonfinite)
         clip_norm = None
-        norm = stats.global_norm
         if not skip and stats.finite and norm > applied.clip_norm:
             clip_norm = applied.clip_norm
             actions.insert(0, Action(

@@ -177,3 +177,25 @@ def test_lr_jump_without_explosion_is_left_alone():
         lr = 1e-3 if t % 10 == 0 else 1e-8
         d, state = p.decide([], lr_stats(t, lr), state)
         assert not d.actions and d.lr_factor == 1.0
+
+
+def test_auto_decays_when_clipping_keeps_cutting_hard():
+    """The detector adapts to a steady over-the-edge regime; the policy still sees that clipping
+    has to cut the norm by over 2x on every step, and lowers the LR."""
+    p = AutoPolicy(cooldown=5)
+    state = p.init()
+    d, state = p.decide([exploding(0, level=1.0)], stats(0, norm=50.0), state)
+    factors = []
+    for t in range(1, 16):
+        d, state = p.decide([], stats(t, norm=3.0), state)  # 3x over the level, no finding
+        factors.append(d.lr_factor)
+        assert d.clip_norm == 1.0
+    # step 0's cut counts too: 5 heavy cuts in a row by step 4, then every 5 steps
+    assert factors[:8] == [1.0, 1.0, 1.0, 0.5, 0.5, 0.5, 0.5, 0.5] and factors[8] == 0.25
+    # Mild clipping (under 2x) is left alone.
+    p2 = AutoPolicy(cooldown=5)
+    state = p2.init()
+    _, state = p2.decide([exploding(0, level=1.0)], stats(0, norm=50.0), state)
+    for t in range(1, 30):
+        d, state = p2.decide([], stats(t, norm=1.5), state)
+    assert d.lr_factor == 1.0
