@@ -19,6 +19,7 @@ from gradwatch.monitor import Monitor
 from gradwatch.policy import Decision, Policy
 from gradwatch.report import Report
 
+from . import _torch_distributed
 from ._torch_layout import LayerNames, TorchParams, build_layout
 from ._torch_measure import measure
 from ._torch_remedies import LRScale, Snapshot, apply_decision, clip_grads
@@ -47,6 +48,7 @@ class Watch:
         rollback_every: int | None = None,
         param_norm_every: int = 10,
         monitor: Monitor | None = None,
+        distributed: bool | None = None,
     ) -> None:
         if isinstance(optimizer, torch.optim.Optimizer):
             optimizers = [optimizer]
@@ -79,6 +81,8 @@ class Watch:
         self.model = model
         self.optimizers = optimizers
         self.monitor = monitor if monitor is not None else Monitor(policy=policy, framework="torch")
+        # DDP / FSDP: one collective per measured step, the same decision on every rank.
+        self._dist = _torch_distributed.attach(self.monitor, model) if _torch_distributed.active(distributed) else None
         self.every = every
         self.strict = strict
         self.names = names
@@ -252,7 +256,13 @@ class Watch:
     def _fail(self, exc: BaseException) -> None:
         if self.strict:
             raise exc
-        if self._failed is None:
+        if self._dist is not None and self._active:
+            # Every rank stops together: now if this rank owes the step's collective, else at the
+            # next one (rank 0 warns). See gradwatch.integrations._torch_distributed.
+            self._failed = self._failed or exc
+            if not self._dist.fail(exc, len(self.params)):
+                return
+        elif self._failed is None:
             self._failed = exc
             warnings.warn(
                 GradwatchWarning(
@@ -285,6 +295,8 @@ class Watch:
             # The fused kernel will skip this step on its own: a scaler skip, not an explosion.
             self.monitor.note_skipped(step, "grad_scaler")
             return
+        if self._dist is not None and step % self.every == 0:
+            self._dist.owe()  # from here on this rank owes the step's collective, even if it fails
         if self.params.stale(self.optimizers):
             rebuilt = build_layout(self.model, self.optimizers, names=self.names)
             if rebuilt.layout == self.params.layout:
@@ -302,10 +314,15 @@ class Watch:
             return
         if count > 1 and loss is not None:
             loss = loss / count
-        stats = measure(
+        measure_step: Any = measure if self._dist is None else self._dist.measure
+        stats = measure_step(
             self.params, step, loss=loss, lr=self._lr.effective_lr(self.optimizers[0], controls.lr_factor),
             grad_scale=grad_scale, param_norms=self._param_norms_now(),
         )
+        if stats is None:  # gradwatch failed on some rank: every rank stops at this same step
+            self._active = False
+            self._loss = None
+            return
         self._measured += 1
         if stats.params_measured:
             self._param_norm = stats.param_norm

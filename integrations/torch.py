@@ -82,6 +82,7 @@ def watch(
     rollback_every: int | None = None,
     param_norm_every: int = 10,
     monitor: Monitor | None = None,
+    distributed: bool | None = None,
 ) -> Watch:
     """Watch the gradients of ``model`` as ``optimizer`` trains it, and apply remedies.
 
@@ -113,6 +114,12 @@ def watch(
             never. Defaults to 10.
         monitor: A :class:`gradwatch.Monitor` to use instead of a new one (custom detectors,
             history length); its own policy is used and ``policy`` is ignored. Defaults to None.
+        distributed: Measure across the ranks of ``torch.distributed`` (DDP, FSDP, FSDP2): one
+            small collective per measured step, so every rank sees the global norms and takes the
+            same decision; only rank 0 emits events (sinks, reports). None: when
+            ``torch.distributed`` is initialised with more than one rank; False: this process
+            alone. Every rank must watch and step together. See docs/distributed.md.
+            Defaults to None.
 
     Returns:
         The :class:`Watch` handle: ``record_loss``, ``report``, ``remove``, ``state_dict``,
@@ -121,6 +128,7 @@ def watch(
     Raises:
         TypeError: for an optimizer, model or scaler of the wrong type.
         ValueError: for ``every`` or ``rollback_every`` below 1, or a model without parameters.
+        RuntimeError: for ``distributed=True`` without an initialised process group.
 
     Example:
         >>> import torch, gradwatch
@@ -139,6 +147,7 @@ def watch(
     return Watch(
         model, optimizer, policy=policy, scaler=scaler, every=every, strict=strict, names=names,
         rollback_every=rollback_every, param_norm_every=param_norm_every, monitor=monitor,
+        distributed=distributed,
     )
 
 
