@@ -104,28 +104,23 @@ class Monitor:
         self._hist_global = np.full(self.history, np.nan)
         self._hist_loss = np.full(self.history, np.nan)
         self._hist_lr = np.full(self.history, np.nan)
-        self._hist_layers = np.zeros((self.history, 0))
         self._hist_index = 0
-        self._layer_index = np.zeros(0, dtype=np.int64)
         self._layer_names: tuple[str, ...] = ()
-        self._layer_max = np.zeros(0)
-        self._layer_last = np.zeros(0)
-        self._layer_param_last = np.zeros(0)
-        self._layer_dead_last = np.zeros(0)
+        # Per tensor and step: the gradient norm, NaN without a gradient, +inf when non-finite.
+        # Aggregated per layer only when a report is asked for: the step path stays cheap.
+        self._hist_tensors = np.zeros((self.history, 0))
+        self._last_param = np.zeros(0)
+        self._last_zero = np.zeros(0)
         self._layer_nonfinite_steps = np.zeros(0, dtype=np.int64)
 
     def _set_layout(self, layout: Layout) -> None:
         self.layout = layout
         self._detector_states = [d.init(layout) for d in self.detectors]
         self._layer_names = layout.layer_names()
-        self._layer_index = layout.layer_ids
-        n = len(self._layer_names)
-        self._hist_layers = np.full((self.history, n), np.nan)
-        self._layer_max = np.zeros(n)
-        self._layer_last = np.full(n, np.nan)
-        self._layer_param_last = np.full(n, np.nan)
-        self._layer_dead_last = np.full(n, np.nan)
-        self._layer_nonfinite_steps = np.zeros(n, dtype=np.int64)
+        self._hist_tensors = np.full((self.history, len(layout)), np.nan)
+        self._last_param = np.full(len(layout), np.nan)
+        self._last_zero = np.full(len(layout), np.nan)
+        self._layer_nonfinite_steps = np.zeros(len(self._layer_names), dtype=np.int64)
 
     @property
     def controls(self) -> Controls:
@@ -218,32 +213,31 @@ class Monitor:
         self._record_history(stats, decision)
 
     def _record_history(self, stats: StepStats, decision: Decision) -> None:
-        n = len(self._layer_names)
-        layout = stats.layout
-        with np.errstate(invalid="ignore", over="ignore"):
-            # NaN: the layer had no gradient (frozen, unused); inf: its gradient was non-finite.
-            layer_grad = layout.per_layer_rss(stats.grad_norm, stats.has_grad)
-            everything = np.ones(len(layout), dtype=bool)
-            layer_param = layout.per_layer_rss(np.abs(stats.param_norm), everything)
-        bad = np.bincount(self._layer_index, weights=(stats.nonfinite > 0).astype(float), minlength=n) > 0
-        layer_grad = np.where(bad, np.inf, layer_grad)
-        self._layer_nonfinite_steps += bad
-        self._layer_last = layer_grad
-        if stats.params_measured:
-            self._layer_param_last = layer_param
-        with np.errstate(invalid="ignore"):
-            self._layer_max = np.fmax(self._layer_max, np.where(np.isfinite(layer_grad), layer_grad, np.nan))
-        zf = np.where(np.isnan(stats.zero_fraction), -1.0, stats.zero_fraction)
-        dead = np.full(n, -1.0)
-        np.maximum.at(dead, self._layer_index, zf)
-        self._layer_dead_last = np.where(dead < 0, np.nan, dead)
         i = self._hist_index
         self._hist_steps[i] = stats.step
         self._hist_global[i] = stats.global_norm
         self._hist_loss[i] = np.nan if stats.loss is None else stats.loss
         self._hist_lr[i] = decision.lr_factor
-        self._hist_layers[i] = layer_grad
+        bad = stats.nonfinite > 0
+        self._hist_tensors[i] = np.where(stats.has_grad, np.where(bad, np.inf, stats.grad_norm), np.nan)
+        if stats.params_measured:
+            self._last_param = stats.param_norm
+        self._last_zero = np.where(stats.has_grad, stats.zero_fraction, np.nan)
+        if not stats.finite:  # rare: count the layers that were non-finite on this step
+            layer_bad = np.bincount(stats.layout.layer_ids, weights=bad.astype(float), minlength=len(self._layer_names))
+            self._layer_nonfinite_steps += (layer_bad > 0) | ~np.isfinite(layer_bad)
         self._hist_index = (i + 1) % self.history
+
+    def _layer_history(self, keep: np.ndarray) -> np.ndarray:
+        """Per-layer gradient norms (kept steps x layers): NaN for a layer without gradient on
+        that step, inf for a non-finite one."""
+        assert self.layout is not None
+        rows = self._hist_tensors[keep]
+        everything = np.ones(rows.shape[1], dtype=bool)
+        with np.errstate(invalid="ignore", over="ignore"):
+            rss = self.layout.per_layer_rss(np.nan_to_num(rows, nan=0.0, posinf=np.inf), everything)
+            present = self.layout.per_layer_rss((~np.isnan(rows)).astype(float), everything) > 0
+        return np.where(present, rss, np.nan)
 
     # -- results -------------------------------------------------------------------------------
 
@@ -265,24 +259,33 @@ class Monitor:
         order = np.argsort(np.where(self._hist_steps >= 0, self._hist_steps, np.iinfo(np.int64).max))
         keep = order[self._hist_steps[order] >= 0]
         layers = []
-        for i, name in enumerate(self._layer_names):
-            if self.layout is None:
-                break
-            members = [j for j, layer in enumerate(self.layout.layers) if layer == name]
-            grad_last = float(self._layer_last[i]) if i < len(self._layer_last) else math.nan
-            param_last = float(self._layer_param_last[i]) if i < len(self._layer_param_last) else math.nan
-            layers.append({
-                "layer": name,
-                "tensors": [self.layout.names[j] for j in members],
-                "roles": sorted({self.layout.roles[j] for j in members}),
-                "numel": int(sum(self.layout.numel[j] for j in members)),
-                "grad_norm": grad_last,
-                "grad_norm_max": float(self._layer_max[i]),
-                "param_norm": param_last,
-                "ratio": grad_last / param_last if param_last and math.isfinite(param_last) and param_last > 0 else math.nan,
-                "dead_fraction": float(self._layer_dead_last[i]),
-                "nonfinite_steps": int(self._layer_nonfinite_steps[i]),
-            })
+        layer_hist = np.zeros((0, len(self._layer_names)))
+        if self.layout is not None:
+            layout = self.layout
+            layer_hist = self._layer_history(keep)
+            n = len(self._layer_names)
+            last = layer_hist[-1] if len(layer_hist) else np.full(n, np.nan)
+            finite_hist = np.where(np.isfinite(layer_hist), layer_hist, -np.inf)
+            highest = finite_hist.max(0) if len(layer_hist) else np.full(n, -np.inf)
+            param = layout.per_layer_rss(self._last_param, np.ones(len(layout), dtype=bool))
+            dead = np.full(n, -1.0)
+            measured = ~np.isnan(self._last_zero)
+            np.maximum.at(dead, layout.layer_ids[measured], self._last_zero[measured])
+            for i, name in enumerate(self._layer_names):
+                members = [j for j, layer in enumerate(layout.layers) if layer == name]
+                grad_last, param_last = float(last[i]), float(param[i])
+                layers.append({
+                    "layer": name,
+                    "tensors": [layout.names[j] for j in members],
+                    "roles": sorted({layout.roles[j] for j in members}),
+                    "numel": int(sum(layout.numel[j] for j in members)),
+                    "grad_norm": grad_last,
+                    "grad_norm_max": float(highest[i]) if highest[i] > -np.inf else math.nan,
+                    "param_norm": param_last,
+                    "ratio": grad_last / param_last if math.isfinite(param_last) and param_last > 0 else math.nan,
+                    "dead_fraction": float(dead[i]) if dead[i] >= 0 else math.nan,
+                    "nonfinite_steps": int(self._layer_nonfinite_steps[i]),
+                })
         return Report(
             healthy=self.healthy,
             policy=self.policy.name,
@@ -303,7 +306,7 @@ class Monitor:
                 "loss": self._hist_loss[keep].tolist(),
                 "lr_factor": self._hist_lr[keep].tolist(),
                 "layer_names": list(self._layer_names),
-                "layer_grad_norm": self._hist_layers[keep].tolist(),
+                "layer_grad_norm": layer_hist.tolist(),
             },
         )
 
@@ -346,12 +349,10 @@ class Monitor:
                 "global_norm": self._hist_global.tolist(),
                 "loss": self._hist_loss.tolist(),
                 "lr_factor": self._hist_lr.tolist(),
-                "layers": self._hist_layers.tolist(),
+                "tensors": self._hist_tensors.tolist(),
                 "index": self._hist_index,
-                "layer_max": self._layer_max.tolist(),
-                "layer_last": self._layer_last.tolist(),
-                "layer_param_last": self._layer_param_last.tolist(),
-                "layer_dead_last": self._layer_dead_last.tolist(),
+                "last_param": self._last_param.tolist(),
+                "last_zero": self._last_zero.tolist(),
                 "layer_nonfinite_steps": self._layer_nonfinite_steps.tolist(),
             },
         }
@@ -408,10 +409,9 @@ class Monitor:
         self._hist_global = np.array(h["global_norm"], dtype=float)
         self._hist_loss = np.array(h["loss"], dtype=float)
         self._hist_lr = np.array(h["lr_factor"], dtype=float)
-        self._hist_layers = np.array(h["layers"], dtype=float).reshape(self.history, len(self._layer_names))
+        if self.layout is not None:
+            self._hist_tensors = np.array(h["tensors"], dtype=float).reshape(self.history, len(self.layout))
+            self._last_param = np.array(h["last_param"], dtype=float)
+            self._last_zero = np.array(h["last_zero"], dtype=float)
         self._hist_index = h["index"]
-        self._layer_max = np.array(h["layer_max"], dtype=float)
-        self._layer_last = np.array(h["layer_last"], dtype=float)
-        self._layer_param_last = np.array(h["layer_param_last"], dtype=float)
-        self._layer_dead_last = np.array(h["layer_dead_last"], dtype=float)
         self._layer_nonfinite_steps = np.array(h["layer_nonfinite_steps"], dtype=np.int64)

@@ -116,15 +116,41 @@ class Layout:
             self._cache[key] = np.unique(self.layer_ids[self.role_mask(roles)])
         return self._cache[key]
 
+    @cached_property
+    def membership(self) -> np.ndarray:
+        """Boolean matrix (layers x tensors): True where a tensor belongs to a layer."""
+        return self.layer_ids[None, :] == np.arange(len(self._layer_names))[:, None]
+
+    def single_tensor_of(self, roles: Sequence[str]) -> np.ndarray | None:
+        """Tensor indices, one per layer of :meth:`layers_with` ``(roles)``, when each of those
+        layers owns exactly one tensor of ``roles`` (a Linear's weight, a Conv's kernel); else
+        None. Lets per-layer reductions become plain indexing on the common case (cached)."""
+        key = ("single", tuple(roles))
+        if key not in self._cache:
+            mask = self.role_mask(roles)
+            counts = np.bincount(self.layer_ids[mask], minlength=len(self._layer_names))
+            layers = self.layers_with(roles)
+            single = bool(np.all(counts[layers] == 1))
+            self._cache[key] = np.flatnonzero(mask) if single else None
+        return self._cache[key]
+
     def per_layer_rss(self, values: np.ndarray, mask: np.ndarray) -> np.ndarray:
         """Root-sum-square of ``values`` per layer over the tensors where ``mask`` is True; NaN for
-        layers with no such tensor. Indexed like :meth:`layer_names`."""
+        layers with no such tensor. Indexed like :meth:`layer_names`.
+
+        ``values`` may also be 2-D (k x tensors): k rows are reduced in one pass (k x layers).
+        """
         n = len(self._layer_names)
         ids = self.layer_ids[mask]
-        v = values[mask]
-        total = np.bincount(ids, weights=v * v, minlength=n)
         present = np.bincount(ids, minlength=n) > 0
-        return np.where(present, np.sqrt(total), np.nan)
+        if values.ndim == 1:
+            v = values[mask]
+            return np.where(present, np.sqrt(np.bincount(ids, weights=v * v, minlength=n)), np.nan)
+        k = values.shape[0]
+        v = values[:, mask]
+        stacked_ids = (ids[None, :] + n * np.arange(k)[:, None]).ravel()
+        total = np.bincount(stacked_ids, weights=(v * v).ravel(), minlength=k * n).reshape(k, n)
+        return np.where(present[None, :], np.sqrt(total), np.nan)
 
     def to_dict(self) -> dict[str, list]:
         return {
@@ -241,9 +267,8 @@ class StepStats:
     @cached_property
     def finite(self) -> bool:
         """True when every gradient that exists is finite."""
-        return not bool(np.any(self.nonfinite[self.has_grad] > 0)) and bool(
-            np.all(np.isfinite(self.grad_norm[self.has_grad]))
-        )
+        bad = (self.nonfinite > 0) | ~np.isfinite(self.grad_norm)
+        return not bool((bad & self.has_grad).any())
 
     @property
     def params_nonfinite(self) -> np.ndarray:
@@ -255,8 +280,8 @@ class StepStats:
     @cached_property
     def global_norm(self) -> float:
         """L2 norm of all gradients together (what ``clip_grad_norm_`` clips); inf/NaN if any is."""
-        g = self.grad_norm[self.has_grad]
-        return float(np.sqrt(np.sum(np.square(g)))) if g.size else 0.0
+        g = np.where(self.has_grad, self.grad_norm, 0.0)
+        return float(np.sqrt(g @ g))
 
     def layer_grad_norms(self, roles: Sequence[str] | None = None) -> dict[str, float]:
         """L2 norm of each layer's gradients (its tensors of the given roles), in forward order."""

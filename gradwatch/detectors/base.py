@@ -95,6 +95,15 @@ def ordered(ring: np.ndarray, index: int, filled: int) -> np.ndarray:
     return np.concatenate([ring[index:], ring[:index]])
 
 
+def median(values: np.ndarray) -> float:
+    """Median of a small 1-D array (a sort is much cheaper than ``np.median`` at this size)."""
+    ordered_values = np.sort(values)
+    mid = ordered_values.size // 2
+    if ordered_values.size % 2:
+        return float(ordered_values[mid])
+    return float(0.5 * (ordered_values[mid - 1] + ordered_values[mid]))
+
+
 def ema(mean: float, var: float, value: float, alpha: float) -> tuple[float, float]:
     """One step of an exponentially weighted mean and variance (West 1979)."""
     delta = value - mean

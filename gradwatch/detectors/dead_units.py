@@ -21,7 +21,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from gradwatch.detectors.base import Detector, check_positive, ordered, push
+from gradwatch.detectors.base import Detector, check_positive, push
 from gradwatch.findings import Finding
 from gradwatch.stats import Layout, StepStats
 
@@ -79,8 +79,8 @@ def dead_units(*, threshold: float = 0.5, window: int = 10, error_threshold: flo
             return [], state
         layout = stats.layout
         judged = stats.has_grad & layout.role_mask(JUDGED_ROLES) & np.isfinite(stats.zero_fraction)
-        per_layer = np.full(len(layout.layer_names()), -1.0)
-        np.maximum.at(per_layer, layout.layer_ids[judged], stats.zero_fraction[judged])
+        values = np.where(judged, stats.zero_fraction, -1.0)
+        per_layer = np.where(layout.membership, values[None, :], -1.0).max(1)
         row = per_layer[layout.layers_with(JUDGED_ROLES)]
         row = np.where(row < 0, np.nan, row)
         fractions, cursor = push(state.fractions, state.cursor, row)
@@ -88,10 +88,9 @@ def dead_units(*, threshold: float = 0.5, window: int = 10, error_threshold: flo
         new_state = DeadUnitsState(state.layers, fractions, cursor, filled)
         if filled < window:
             return [], new_state
-        history = ordered(fractions, cursor, filled)
-        lowest = np.where(np.isnan(history).any(0), np.nan, history.min(0))
-        with np.errstate(invalid="ignore"):
-            hit = lowest >= threshold
+        history = fractions  # full ring: its minimum does not depend on the order
+        lowest = history.min(0)  # NaN where any step of the window was not measured
+        hit = lowest >= threshold
         if not hit.any():
             return [], new_state
         idx = np.flatnonzero(hit)

@@ -122,8 +122,8 @@ def exploding(
         spike = warm and log_norm - state.log_mean > threshold
         clip_level = math.exp(state.log_mean + clip_z * std) if state.seen else norm
 
-        with np.errstate(divide="ignore", invalid="ignore"):
-            tensor_log = np.where(stats.has_grad & (stats.grad_norm > 0), np.log(stats.grad_norm), np.nan)
+        measured = stats.has_grad & (stats.grad_norm > 0)
+        tensor_log = np.where(measured, np.log(np.where(measured, stats.grad_norm, 1.0)), np.nan)
         recent, cursor = push(state.recent, state.cursor, log_norm)
         filled = min(state.seen + 1, window)
         history = ordered(recent, cursor, filled)
@@ -153,7 +153,7 @@ def exploding(
             ))
         if filled >= 3:
             rise = history[-1] - history.min()
-            ups = float(np.mean(np.diff(history) > 0))
+            ups = np.count_nonzero(np.diff(history) > 0) / (len(history) - 1)
             if rise > math.log(growth_factor) and ups >= 0.6 and history[-1] >= history.max():
                 layers = _exploding_layers(stats, tensor_log, state.tensor_log_mean, 1.0)
                 growth = math.exp(rise)

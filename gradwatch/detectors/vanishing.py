@@ -25,7 +25,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from gradwatch.detectors.base import Detector, check_positive, ordered, push
+from gradwatch.detectors.base import Detector, check_positive, median, push
 from gradwatch.findings import Finding
 from gradwatch.stats import Layout, StepStats
 
@@ -94,13 +94,17 @@ def vanishing(
         if n < min_layers or not stats.finite:
             return [], state
         layout = stats.layout
-        ids = layout.layers_with(("weight",))
-        mask = stats.has_grad & layout.role_mask(("weight",))
-        grads = layout.per_layer_rss(stats.grad_norm, mask)[ids]
-        params = layout.per_layer_rss(stats.param_norm, mask)[ids]
-        with np.errstate(divide="ignore", invalid="ignore"):
-            log_r = np.log10(grads / params)
-        log_r = np.where((params > 0) & np.isfinite(params) & ~np.isnan(grads), log_r, np.nan)
+        single = layout.single_tensor_of(("weight",))
+        if single is not None:  # one weight tensor per layer: the layer's norms are the tensor's
+            grads = np.where(stats.has_grad[single], stats.grad_norm[single], np.nan)
+            params = np.where(stats.has_grad[single], stats.param_norm[single], np.nan)
+        else:
+            ids = layout.layers_with(("weight",))
+            mask = stats.has_grad & layout.role_mask(("weight",))
+            grads, params = layout.per_layer_rss(np.stack((stats.grad_norm, stats.param_norm)), mask)[:, ids]
+        valid = (params > 0) & np.isfinite(params) & ~np.isnan(grads)
+        with np.errstate(divide="ignore"):  # a zero gradient is log10(0) = -inf: it vanished
+            log_r = np.where(valid, np.log10(np.where(valid, grads, 1.0) / np.where(valid, params, 1.0)), np.nan)
         half = n // 2
         # The output layer is left out of the reference: a zero-initialised head skews it.
         reference_slice = log_r[half:n - 1] if n - 1 > half else log_r[half:]
@@ -108,14 +112,14 @@ def vanishing(
         if reference_slice.size == 0:
             row = np.full(n, np.nan)
         else:
-            reference = float(np.median(reference_slice))
+            reference = median(reference_slice)
             row = log_r - reference
         deficits, cursor = push(state.deficits, state.cursor, row)
         filled = min(state.filled + 1, window)
         new_state = VanishingState(state.layers, deficits, cursor, filled)
         if filled < window:
             return [], new_state
-        history = ordered(deficits, cursor, filled)
+        history = deficits  # full ring: sums over it do not depend on the order
         with np.errstate(invalid="ignore"):
             below = history < log_threshold
         measured = ~np.isnan(history)
@@ -125,7 +129,7 @@ def vanishing(
         if not hit.any():
             return [], new_state
         layers = tuple(state.layers[i] for i in np.flatnonzero(hit))
-        latest = history[-1]
+        latest = row
         worst = float(np.nanmin(np.where(hit, latest, np.nan))) if np.isfinite(latest[hit]).any() else -np.inf
         insert_after = _insert_points(state.layers, hit)
         factor = "0" if not math.isfinite(worst) else f"{10 ** worst:.1e}"
