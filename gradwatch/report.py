@@ -53,7 +53,7 @@ class Report:
         skipped_steps: Steps the framework skipped on its own (GradScaler, LossScaleOptimizer).
         skipped: The most recent of those, ``{"step", "reason"}``.
         layers: One dict per layer, forward order: ``layer``, ``tensors``, ``roles``, ``numel``,
-            ``grad_norm`` (last), ``grad_norm_max``, ``param_norm``, ``ratio``, ``dead_fraction``,
+            ``grad_norm`` (last), ``grad_norm_max`` (over the steps kept in history), ``param_norm``, ``ratio``, ``dead_fraction``,
             ``nonfinite_steps``.
         history: Recent steps for plots: ``steps``, ``global_norm``, ``loss``, ``lr_factor``,
             ``layer_names`` and ``layer_grad_norm`` (steps x layers).
