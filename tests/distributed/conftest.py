@@ -1,4 +1,4 @@
-"""Distributed tests: 2 gloo ranks on the CPU, spawned once per test module (dist_harness)."""
+"""Distributed tests: 2 gloo ranks on the CPU, spawned once per test module (gw_dist_harness)."""
 
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ dist = pytest.importorskip("torch.distributed")
 if not dist.is_available() or not dist.is_gloo_available():
     pytest.skip("torch.distributed with the gloo backend is not available", allow_module_level=True)
 
-from dist_harness import result, run_scenarios  # noqa: E402
+from gw_dist_harness import result, run_scenarios  # noqa: E402
 
 SCENARIOS = [
     "ddp_norms", "ddp_no_sync", "ddp_explode", "ddp_nan_one_rank", "ddp_rollback", "ddp_fail_measure",
@@ -21,7 +21,7 @@ SCENARIOS = [
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    return run_scenarios("scenarios", SCENARIOS, tmp_path_factory.mktemp("ddp"), world=2, timeout_s=150)
+    return run_scenarios("gw_dist_scenarios", SCENARIOS, tmp_path_factory.mktemp("ddp"), world=2, timeout_s=150)
 
 
 def close(a, b, rel=1e-5):

@@ -19,14 +19,14 @@ try:
 except ImportError:
     pytest.skip("this torch has no FSDP2 (torch.distributed.fsdp.fully_shard)", allow_module_level=True)
 
-from dist_harness import result, run_scenarios  # noqa: E402
+from gw_dist_harness import result, run_scenarios  # noqa: E402
 
 SCENARIOS = ["fsdp_norms", "fsdp_clip", "fsdp_explode", "fsdp_nan_one_rank", "fsdp_rollback", "fsdp_fail_measure"]
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    return run_scenarios("scenarios", SCENARIOS, tmp_path_factory.mktemp("fsdp"), world=2, timeout_s=150)
+    return run_scenarios("gw_dist_scenarios", SCENARIOS, tmp_path_factory.mktemp("fsdp"), world=2, timeout_s=150)
 
 
 def close(a, b, rel=1e-5):
@@ -106,7 +106,7 @@ def _fsdp1_unavailable() -> str | None:
 
 @pytest.mark.skipif(_fsdp1_unavailable() is not None, reason=str(_fsdp1_unavailable()))
 def test_fsdp1_norms_equal_the_single_process_norms(tmp_path):
-    runs = run_scenarios("scenarios", ["fsdp1_norms"], tmp_path, world=2, timeout_s=300, backend="nccl")
+    runs = run_scenarios("gw_dist_scenarios", ["fsdp1_norms"], tmp_path, world=2, timeout_s=300, backend="nccl")
     r0, r1 = result(runs["fsdp1_norms"], 0), result(runs["fsdp1_norms"], 1)
     ref = r0["ref"]
     for key in ("orig=False", "orig=True"):

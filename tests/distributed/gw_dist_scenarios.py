@@ -1,4 +1,4 @@
-"""Scenarios run on every rank by dist_harness (DDP and FSDP2 on CPU with gloo).
+"""Scenarios run on every rank by gw_dist_harness (DDP and FSDP2 on CPU with gloo).
 
 Each returns plain JSON values; the tests compare the ranks with each other and with the
 single-process reference that rank 0 computes on the whole batch (``distributed=False``).
