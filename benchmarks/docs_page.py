@@ -62,8 +62,13 @@ def _outcome(d: dict[str, Any]) -> Outcome:
     return Outcome(check=check, **fields)
 
 
+def _detection_files(folder: Path) -> list[Path]:
+    """``detection.json`` (PyTorch and the default Keras backend) first, then the other backends."""
+    return sorted(folder.glob("detection*.json"), key=lambda p: (p.name != "detection.json", p.name))
+
+
 def detection_section(folder: Path) -> str:
-    files = sorted(folder.glob("detection*.json"))
+    files = _detection_files(folder)
     if not files:
         return "Not run."
     outcomes: list[Outcome] = []
@@ -132,7 +137,7 @@ def targets(folder: Path) -> str:
 
     lines = ["| target | result | met |", "| --- | --- | --- |"]
     outcomes: list[Outcome] = []
-    for f in sorted(folder.glob("detection*.json")):
+    for f in _detection_files(folder):
         outcomes += [_outcome(d) for d in json.loads(f.read_text())["outcomes"]]
     for fw in dict.fromkeys(o.framework for o in outcomes):
         t = summarise([o for o in outcomes if o.framework == fw])
