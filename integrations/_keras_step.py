@@ -360,7 +360,7 @@ class StepProbe:
             updated = ops.slice_update(self.ring_var.value, [slot, 0], ops.expand_dims(row, 0))
             self.ring_var.assign(updated)
             self.count_var.assign(count + 1)
-        return {"grads": grads, "skip": skip, "scale": scale, "rate": rate}
+        return {"grads": grads, "skip": skip, "scale": scale, "rate": rate, "do_clip": do_clip}
 
     def _measure_torch(self, grads: list[Any], by_index: dict[int, Any]) -> dict[str, Any]:
         """The same as :meth:`_measure` in plain torch: eager Keras ops cost ~10 us each."""
@@ -394,11 +394,11 @@ class StepProbe:
             rate = rate.value if hasattr(rate, "value") else torch.as_tensor(rate, device=device)
             if self.remedies:
                 skip = (controls[0] > 0.5) & ~finite
-                do_clip = finite & (global_norm > controls[1])
+                do_clip = finite & ~skip & (global_norm > controls[1])
                 scale = torch.where(do_clip, controls[1] / global_norm.clamp_min(1e-30), torch.ones((), device=device))
                 rate = rate * controls[2].to(rate.dtype)
             else:
-                skip = torch.zeros((), dtype=torch.bool, device=device)
+                skip = do_clip = torch.zeros((), dtype=torch.bool, device=device)
                 scale = torch.ones((), device=device)
             count = self.count_var.value
             head = torch.stack([count.float(), global_norm, rate.float(), skip.float(), scale])
@@ -406,7 +406,7 @@ class StepProbe:
             with self.lock:
                 self.ring_var.value.index_copy_(0, (count % self.ring).long().view(1), row.view(1, -1))
                 count.add_(1)
-        return {"grads": grads, "skip": skip, "scale": scale, "rate": rate}
+        return {"grads": grads, "skip": skip, "scale": scale, "rate": rate, "do_clip": do_clip}
 
     def _steer(self, plan: dict[str, Any], trainable_variables: Sequence[Any] | None) -> Any:
         ops = self.keras.ops
@@ -414,12 +414,34 @@ class StepProbe:
         if self.backend == "torch":
             import torch
 
+            # Eager: read the two flags in one transfer and do only the work they call for.
+            skip, clip = torch.stack([plan["skip"], plan["do_clip"]]).tolist()
+            if skip:
+                return None
+            scaled = plan["grads"]
+            if clip:
+                scaled = list(scaled)
+                present = [i for i, g in enumerate(scaled) if g is not None]
+                for i, g in zip(present, torch._foreach_mul([scaled[i] for i in present], plan["scale"])):
+                    scaled[i] = g
+        elif self.backend == "tensorflow":
+            present = [i for i, g in enumerate(plan["grads"]) if g is not None]
+            kept = [plan["grads"][i] for i in present]
+            # A graph-level cond: no pass over the gradients when no clipping is in force.
+            clipped = ops.cond(plan["do_clip"], lambda: [self._scale(g, plan["scale"]) for g in kept], lambda: kept)
             scaled = list(plan["grads"])
-            present = [i for i, g in enumerate(scaled) if g is not None]
-            for i, g in zip(present, torch._foreach_mul([scaled[i] for i in present], plan["scale"])):
+            for i, g in zip(present, clipped):
                 scaled[i] = g
+        elif not _is_traced(plan["do_clip"]):
+            do_clip = bool(plan["do_clip"])
+            scaled = [g if g is None or not do_clip else self._scale(g, plan["scale"]) for g in plan["grads"]]
         else:
-            scaled = [None if g is None else self._scale(g, plan["scale"]) for g in plan["grads"]]
+            present = [i for i, g in enumerate(plan["grads"]) if g is not None]
+            kept = [plan["grads"][i] for i in present]
+            clipped = ops.cond(plan["do_clip"], lambda: [self._scale(g, plan["scale"]) for g in kept], lambda: kept)
+            scaled = list(plan["grads"])
+            for i, g in zip(present, clipped):
+                scaled[i] = g
         user_rate = target._learning_rate
         scaled_rate = _ScaledLearningRate(plan["rate"])
 
@@ -430,23 +452,43 @@ class StepProbe:
             finally:
                 object.__setattr__(target, "_learning_rate", user_rate)
 
+        if self.backend == "jax" and not _is_traced(plan["skip"]):
+            # jit_compile=False: eager, op by op; a compiled cond would round differently.
+            if not bool(plan["skip"]):
+                run()
+            return None
         if self.backend == "jax":
-            # No stateful cond inside a StatelessScope (its branches' assignments would escape
-            # the trace): run the step, then select the old values back where it is skipped.
+            # A cond whose branches assign variables would leak tracers out of the enclosing
+            # StatelessScope; so each branch runs in a scope of its own and returns the new values
+            # (as LossScaleOptimizer.stateless_apply does). The skipped branch costs nothing.
+            from keras.src.backend import StatelessScope
+
             state = list(target._trainable_variables) + [
                 v for v in target.variables if not any(v is mine for mine in self.owned)
             ]
             before = [v.value for v in state]
-            run()
-            for variable, old in zip(state, before):
-                variable.assign(ops.where(plan["skip"], old, variable.value))
+
+            def applied(values: list[Any]) -> list[Any]:
+                with StatelessScope(state_mapping=list(zip(state, values))) as scope:
+                    run()
+                return [scope.get_current_value(v) for v in state]
+
+            after = ops.cond(plan["skip"], lambda: before, lambda: applied(before))
+            for variable, value in zip(state, after):
+                variable.assign(value)
             return None
         if self.backend == "torch":
-            if not bool(plan["skip"]):
-                run()
+            run()
             return None
         ops.cond(plan["skip"], lambda: None, run)
         return None
+
+
+def _is_traced(value: Any) -> bool:
+    """True for a JAX tracer (inside ``jax.jit``), False for a concrete (eager) array."""
+    import jax
+
+    return isinstance(value, jax.core.Tracer)
 
 
 def probe_of(optimizer: Any) -> StepProbe | None:
