@@ -338,6 +338,8 @@ def _failing(kind: str, rank: int, world: int, where: str) -> dict[str, Any]:
         if t == 2 and rank == 1:
             if where == "measure":
                 w._dist._local = boom
+            elif where == "before":  # in the watch, before the step's collective
+                object.__setattr__(w.params, "stale", boom)
             else:
                 w.monitor.observe = boom
 
@@ -360,6 +362,21 @@ def ddp_fail_measure(rank: int, world: int) -> dict[str, Any]:
 
 def ddp_fail_observe(rank: int, world: int) -> dict[str, Any]:
     return _failing("ddp", rank, world, "observe")
+
+
+def ddp_fail_before(rank: int, world: int) -> dict[str, Any]:
+    return _failing("ddp", rank, world, "before")
+
+
+def ddp_every(rank: int, world: int) -> dict[str, Any]:
+    """every=2: the collective runs on measured steps only, on every rank alike."""
+    x, y = data()
+    xs, ys = shard(x, rank, world), shard(y, rank, world)
+    model = wrap("ddp", mlp(act=nn.Tanh))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    with watch(model, opt, every=2) as w:
+        loop(model, opt, w, lambda t: [(xs, ys)], 7)
+    return {"dist": summary(w), "params": full_params(model)}
 
 
 def fsdp_fail_measure(rank: int, world: int) -> dict[str, Any]:

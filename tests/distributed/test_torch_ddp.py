@@ -14,8 +14,8 @@ if not dist.is_available() or not dist.is_gloo_available():
 from gw_dist_harness import result, run_scenarios  # noqa: E402
 
 SCENARIOS = [
-    "ddp_norms", "ddp_no_sync", "ddp_explode", "ddp_nan_one_rank", "ddp_rollback", "ddp_fail_measure",
-    "ddp_fail_observe",
+    "ddp_norms", "ddp_no_sync", "ddp_explode", "ddp_nan_one_rank", "ddp_rollback", "ddp_every",
+    "ddp_fail_measure", "ddp_fail_before", "ddp_fail_observe",
 ]
 
 
@@ -87,11 +87,20 @@ def test_ddp_only_rank_zero_writes_events(runs):
         assert out["stdout"] == "" and gradwatch_warnings(out) == []
 
 
-@pytest.mark.parametrize("name, measured", [("ddp_fail_measure", (2, 2)), ("ddp_fail_observe", (3, 2))])
+def test_ddp_every_n_measures_and_communicates_on_the_same_steps(runs):
+    r0, r1 = result(runs["ddp_every"], 0), result(runs["ddp_every"], 1)
+    assert r0["dist"]["measured"] == 4 and r0["dist"] == r1["dist"]  # steps 0, 2, 4, 6 of 7
+    assert r0["params"] == r1["params"]
+
+
+@pytest.mark.parametrize(
+    "name, measured", [("ddp_fail_measure", (2, 2)), ("ddp_fail_before", (2, 2)), ("ddp_fail_observe", (3, 2))]
+)
 def test_a_rank_failing_inside_gradwatch_stops_every_rank_without_deadlock(runs, name, measured):
     r0, r1 = result(runs[name], 0), result(runs[name], 1)
-    # Rank 1 failed at step 2: before its collective, every rank stops at step 2; after it (in the
-    # monitor), every rank stops at the next collective, step 3.
+    # Rank 1 failed at step 2: before its collective (in its measurement, or earlier in the watch),
+    # every rank stops at step 2; after it (in the monitor), every rank stops at the next
+    # collective, step 3.
     assert (r0["measured"], r1["measured"]) == measured
     assert not r0["active"] and not r1["active"]
     assert r0["params"] == r1["params"]  # training went on, identically
