@@ -33,6 +33,11 @@ Building blocks for other integrations (Lightning, Hugging Face), stable signatu
   after it; keeps the user's LR schedule and applies the factor on top.
 * :class:`Snapshot` ``(params, optimizers)``: ``take(step)`` / ``restore()`` for rollbacks.
 * :func:`clip_grads`, :func:`drop_grads`.
+* :class:`DistributedMeasure` ``(group=None, model=None)``: ``measure(tp, step, ...)`` as above but
+  across the ranks of ``torch.distributed`` (DDP, FSDP2, FSDP1) in one collective, the same
+  statistics on every rank (None when gradwatch failed on some rank: stop on every rank);
+  :class:`RankZeroHooks` silences a monitor's output hooks on ranks other than 0
+  (docs/distributed.md).
 
 Raises:
     gradwatch.MissingExtraError: on import, when PyTorch is not installed.
@@ -52,6 +57,7 @@ import torch  # noqa: E402
 from gradwatch.monitor import Monitor  # noqa: E402
 from gradwatch.policy import Policy  # noqa: E402
 
+from ._torch_distributed import DistributedMeasure, RankZeroHooks  # noqa: E402
 from ._torch_layout import (  # noqa: E402
     LayerNames,
     TorchParams,
@@ -152,8 +158,10 @@ def watch(
 
 
 __all__ = [
+    "DistributedMeasure",
     "LRScale",
     "LayerNames",
+    "RankZeroHooks",
     "Snapshot",
     "TorchParams",
     "Watch",
