@@ -259,6 +259,23 @@ class DistributedMeasure:
         self._stop_all(self.pending, vec.cpu().numpy()[4 * n + 2:])
         return True
 
+    def _countable(self, tp: TorchParams) -> list[bool]:
+        """Per tensor, whether its dead units are counted: weights whose rows are whole on each
+        rank (plain, ``Replicate`` or ``Shard(0)``). From the parameters, so the same on every
+        rank whatever gradients a rank holds."""
+        cached = getattr(self, "_countable_for", None)
+        if cached is not None and cached[0] is tp:
+            return cached[1]
+        out = []
+        for i, p in enumerate(tp.params):
+            if _is_dtensor(p):
+                whole = not any(isinstance(pl, Shard) and pl.dim != 0 for pl in p.placements)  # type: ignore[attr-defined]
+            else:
+                whole = id(p) not in self.sharded
+            out.append(bool(tp.unit_rows[i]) and p.dim() >= 2 and whole)
+        self._countable_for = (tp, out)
+        return out
+
     def _size(self, n: int) -> int:
         return 4 * n + 2 + self.world
 
@@ -270,7 +287,7 @@ class DistributedMeasure:
         params = tp.params
         n = len(params)
         weights = np.full(n, 1.0 / self.world)
-        countable = [False] * n
+        countable = self._countable(tp)
         grad_sq: list[torch.Tensor] = []
         rows_nz: list[torch.Tensor] = []
         present = torch.zeros(n, dtype=torch.float64)
@@ -293,8 +310,13 @@ class DistributedMeasure:
                     values = local.coalesce().values()
                     kwargs = {"dtype": torch.float32} if values.dtype in LOW_PRECISION else {}
                     scalars[i] = torch.linalg.vector_norm(values, **kwargs)
-                elif tp.unit_rows[i] and rows_ok and local.dim() >= 2:
-                    countable[i] = True
+                elif countable[i]:
+                    if not rows_ok or local.dim() < 2:
+                        raise ValueError(
+                            f"gradwatch counts the rows of {tp.layout.names[i]!r} per rank, but its "
+                            f"gradient is not split by rows (local shape {tuple(local.shape)}); "
+                            "watch with distributed=False or file an issue."
+                        )
                     if local.shape[0] == 0:  # an empty shard (more ranks than rows)
                         continue
                     flat = local.reshape(local.shape[0], -1)
