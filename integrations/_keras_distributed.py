@@ -88,16 +88,29 @@ def share(grads: Sequence[Any], replicas: int) -> list[Any]:
 
 
 def first_replica() -> bool:
-    """True unless this is a replica other than the first of a TensorFlow strategy (the replica
-    that writes gradwatch's statistics row)."""
+    """True unless this is a replica other than the first of this worker under a TensorFlow
+    strategy: the first local replica writes gradwatch's statistics row (every replica computes the
+    same one).
+
+    Raises:
+        ValueError: when the replica's id is not known while tracing (a strategy gradwatch does
+            not support); gradwatch then stops and training goes on unmeasured.
+    """
     try:
         import tensorflow as tf
     except ImportError:  # pragma: no cover - not the TensorFlow backend
         return True
     if not tf.distribute.has_strategy() or tf.distribute.in_cross_replica_context():
         return True
-    replica = tf.distribute.get_replica_context().replica_id_in_sync_group
-    return tf.get_static_value(replica) in (0, None)
+    replica = tf.get_static_value(tf.distribute.get_replica_context().replica_id_in_sync_group)
+    if replica is None:
+        raise ValueError(
+            "gradwatch writes one statistics row per step from the first replica, but this "
+            f"strategy ({type(tf.distribute.get_strategy()).__name__}) does not tell the replica's id "
+            "while tracing. Use MirroredStrategy, or file an issue."
+        )
+    local = len(getattr(tf.distribute.get_strategy().extended, "worker_devices", ()) or ()) or 1
+    return int(replica) % local == 0
 
 
 def apply_unless(skip: Any, apply_step: Any, grads: Sequence[Any], trainable_variables: Any, rate: Any) -> None:
