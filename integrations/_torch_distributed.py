@@ -242,21 +242,24 @@ class DistributedMeasure:
         """
         if self.pending is None:
             self.pending = exc
-        if self.broken:
-            # The collective itself failed (a timeout, a dead rank): the other ranks see it too.
-            warnings.warn(
-                GradwatchWarning(
-                    f"gradwatch stopped monitoring on rank {self.rank}: its collective failed "
-                    f"({type(exc).__name__}: {exc}); training goes on unchanged."
-                ),
-                stacklevel=5,
-            )
-            return True
-        if not self.owed:
+        if not self.broken and not self.owed:
             return False
-        self.owed = False
-        vec = self._all_reduce(torch.zeros(self._size(n), dtype=torch.float64, device=self.device))
-        self._stop_all(self.pending, vec.cpu().numpy()[4 * n + 2:])
+        if not self.broken:
+            self.owed = False
+            try:
+                vec = self._all_reduce(torch.zeros(self._size(n), dtype=torch.float64, device=self.device))
+                self._stop_all(self.pending, vec.cpu().numpy()[4 * n + 2:])
+                return True
+            except Exception as collective_error:  # never raise into the training loop
+                exc = collective_error
+        # The collective itself failed (a timeout, a dead rank): the other ranks see it too.
+        warnings.warn(
+            GradwatchWarning(
+                f"gradwatch stopped monitoring on rank {self.rank}: its collective failed "
+                f"({type(exc).__name__}: {exc}); training goes on unchanged."
+            ),
+            stacklevel=5,
+        )
         return True
 
     def _countable(self, tp: TorchParams) -> list[bool]:
