@@ -303,15 +303,44 @@ def _nan_one_rank(kind: str, rank: int, world: int) -> dict[str, Any]:
     sink = Recorder().register()
     try:
         with watch(model, opt) as w:
+            counts = record_nonfinite(w)
             loop(model, opt, w, lambda t: [(poisoned if (t == 3 and rank == 1) else xs, ys)], 6)
     finally:
         sink.detach()
         handle.remove()
     params = full_params(model)
-    return {
+    out = {
         "dist": summary(w), "params": params, "local_nan": [local_nan[t] for t in sorted(local_nan)],
-        "finite": all(math.isfinite(v) for p in params for v in p), "events": sink.events,
+        "finite": all(math.isfinite(v) for p in params for v in p), "events": sink.events, "nonfinite": counts,
     }
+    if rank == 0:  # the same batches in one process: rank 1's half poisoned at step 3
+        bad_x = torch.cat([shard(x, r, world) if r != 1 else _poison(shard(x, r, world)) for r in range(world)])
+        ref = mlp(act=nn.Tanh)
+        ref_opt = torch.optim.SGD(ref.parameters(), lr=0.05)
+        with watch(ref, ref_opt, distributed=False) as rw:
+            out["ref_nonfinite"] = record_nonfinite(rw)
+            loop(ref, ref_opt, rw, lambda t: [(bad_x if t == 3 else x, y)], 6)
+        out["ref"] = summary(rw)
+    return out
+
+
+def _poison(t: torch.Tensor) -> torch.Tensor:
+    t = t.clone()
+    t[0, 0] = float("nan")
+    return t
+
+
+def record_nonfinite(w: Any) -> list[list[int]]:
+    """The per-tensor non-finite element counts the monitor is given, step by step."""
+    counts: list[list[int]] = []
+    observe = w.monitor.observe
+
+    def recording(stats: Any, **kwargs: Any) -> Any:
+        counts.append([int(c) for c in stats.nonfinite])
+        return observe(stats, **kwargs)
+
+    w.monitor.observe = recording
+    return counts
 
 
 def ddp_nan_one_rank(rank: int, world: int) -> dict[str, Any]:

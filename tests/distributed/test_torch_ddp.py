@@ -65,6 +65,10 @@ def test_ddp_nan_on_one_ranks_batch_is_skipped_on_both(runs):
     # DDP's all-reduce spreads rank 1's NaN: rank 0's own gradients are NaN at step 3 only.
     assert r0["local_nan"] == [False, False, False, True, False, False]
     assert r0["dist"]["actions"] == r1["dist"]["actions"] == [[3, "skip_step"]]
+    # The non-finite element counts, summed over the shards, are the single process's.
+    assert r0["nonfinite"] == r1["nonfinite"] == r0["ref_nonfinite"]
+    assert sum(r0["nonfinite"][3]) > 0 and sum(map(sum, r0["nonfinite"])) == sum(r0["nonfinite"][3])
+    assert r0["ref"]["actions"] == [[3, "skip_step"]]
     assert r0["params"] == r1["params"] and r0["finite"]
     assert math.isnan(r0["dist"]["loss"][3]) and math.isnan(r1["dist"]["loss"][3])
 

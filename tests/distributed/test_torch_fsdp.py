@@ -75,6 +75,10 @@ def test_fsdp2_nan_on_one_ranks_batch_is_skipped_on_both(runs):
     # The reduce-scatter spreads rank 1's NaN into rank 0's shards too.
     assert r0["local_nan"] == [False, False, False, True, False, False]
     assert r0["dist"]["actions"] == r1["dist"]["actions"] == [[3, "skip_step"]]
+    # The non-finite element counts, summed over the shards, are the single process's.
+    assert r0["nonfinite"] == r1["nonfinite"] == r0["ref_nonfinite"]
+    assert sum(r0["nonfinite"][3]) > 0 and sum(map(sum, r0["nonfinite"])) == sum(r0["nonfinite"][3])
+    assert r0["ref"]["actions"] == [[3, "skip_step"]]
     assert r0["finite"] and r0["params"] == r1["params"]
     assert result(runs["fsdp_nan_one_rank"], 1)["events"] == []
 
