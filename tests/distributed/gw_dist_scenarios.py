@@ -411,3 +411,44 @@ def ddp_every(rank: int, world: int) -> dict[str, Any]:
 def fsdp_fail_measure(rank: int, world: int) -> dict[str, Any]:
     return _failing("fsdp", rank, world, "measure")
 
+
+
+def dtensor_placements(rank: int, world: int) -> dict[str, Any]:
+    """DTensor gradients placed Replicate, Shard(0), Shard(1) and Partial: the measured norms are
+    those of the full tensors, the same on every rank; dead units only where rows are whole."""
+    from gradwatch.integrations.torch import DistributedMeasure, build_layout
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (world,))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Linear(6, 4), nn.Linear(4, 2))
+    placements = {"0.weight": Shard(0), "1.weight": Shard(1), "2.weight": Replicate()}
+    full_grads: dict[str, torch.Tensor] = {}
+    for name, p in list(model.named_parameters()):
+        module, attr = model[int(name.split(".")[0])], name.split(".")[1]
+        placement = placements.get(name, Replicate())
+        grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(len(full_grads)))
+        if name == "0.weight":
+            grad[1] = 0.0  # a dead unit, in the first rank's rows
+        param = nn.Parameter(distribute_tensor(p.detach(), mesh, [placement]))
+        if name == "2.bias":  # unreduced partial sums: each rank holds its part
+            param.grad = DTensor.from_local(grad * (rank + 1), mesh, [Partial()])
+            full_grads[name] = grad * sum(r + 1 for r in range(world))
+        else:
+            param.grad = distribute_tensor(grad, mesh, [placement])
+            full_grads[name] = grad
+        setattr(module, attr, param)
+    tp = build_layout(model)
+    stats = DistributedMeasure(model=model).measure(tp, 0, loss=float(rank), param_norms=True)
+    assert stats is not None
+    names = list(tp.layout.names)
+    return {
+        "names": names,
+        "grad_norm": stats.grad_norm.tolist(),
+        "expected": [float(full_grads[n].norm()) for n in names],
+        "param_norm": stats.param_norm.tolist(),
+        "expected_param": [float(dict(model.named_parameters())[n].full_tensor().norm()) for n in names],
+        "zero_fraction": stats.zero_fraction.tolist(),
+        "loss": stats.loss,
+    }

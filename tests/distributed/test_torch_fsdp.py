@@ -21,7 +21,10 @@ except ImportError:
 
 from gw_dist_harness import result, run_scenarios  # noqa: E402
 
-SCENARIOS = ["fsdp_norms", "fsdp_clip", "fsdp_explode", "fsdp_nan_one_rank", "fsdp_rollback", "fsdp_fail_measure"]
+SCENARIOS = [
+    "fsdp_norms", "fsdp_clip", "fsdp_explode", "fsdp_nan_one_rank", "fsdp_rollback", "fsdp_fail_measure",
+    "dtensor_placements",
+]
 
 
 @pytest.fixture(scope="module")
@@ -97,6 +100,17 @@ def test_fsdp2_rank_failing_inside_gradwatch_stops_every_rank(runs):
     assert r0["params"] == r1["params"]
     assert any("rank(s) [1]" in w for w in runs["fsdp_fail_measure"][0]["warnings"])
     assert not any(w.startswith("GradwatchWarning") for w in runs["fsdp_fail_measure"][1]["warnings"])
+
+
+def test_dtensor_placements_measure_the_full_tensors(runs):
+    r0, r1 = result(runs["dtensor_placements"], 0), result(runs["dtensor_placements"], 1)
+    assert r0 == r1  # the same statistics on every rank
+    assert close(r0["grad_norm"], r0["expected"]) and close(r0["param_norm"], r0["expected_param"])
+    zero = dict(zip(r0["names"], r0["zero_fraction"]))
+    assert zero["0.weight"] == pytest.approx(1 / 6)  # Shard(0): rows counted per shard and summed
+    assert zero["2.weight"] == 0.0  # Replicate: whole rows on every rank
+    assert math.isnan(zero["1.weight"])  # Shard(1) splits each row: not counted
+    assert r0["loss"] == pytest.approx(0.5)  # the mean of the ranks' losses 0 and 1
 
 
 def _fsdp1_unavailable() -> str | None:
