@@ -14,7 +14,7 @@ EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 CASES = {
     # script: (modules it needs, text its output must contain)
-    "torch_loop.py": (["torch"], ["exploding", "lr_decay", "learning rate factor x0.5"]),
+    "torch_loop.py": (["torch"], ["exploding", "lr_decay", "learning rate factor x0."]),
     "keras_fit.py": (["keras", "torch", "gradwatch.integrations.keras"], ["Findings: none", "final loss"]),
     "lightning_trainer.py": (["lightning"], ["exploding", "grad_norm/total", "gradwatch/lr_factor"]),
     "hf_trainer.py": (["transformers", "accelerate"], ["1 NaN/Inf loss(es) in 40 batches", "[error] nonfinite at step 12"]),
