@@ -257,6 +257,72 @@ class Snapshot:
         self.step = -1
 
 
+class Rollbacks:
+    """When to take the :class:`Snapshot` a rollback restores: every ``every`` healthy measured
+    steps (a step with finite gradients and parameters that the decision left alone).
+
+    Shared by every PyTorch-based adapter so that they keep snapshots the same way.
+
+    Args:
+        every: Healthy steps between snapshots; None keeps none (no rollback).
+
+    Raises:
+        ValueError: if ``every`` is neither None nor an int >= 1.
+    """
+
+    def __init__(self, every: int | None) -> None:
+        if every is not None and (not isinstance(every, int) or isinstance(every, bool) or every < 1):
+            raise ValueError(
+                "rollback_every must be None (no snapshots) or an int >= 1 (healthy steps between "
+                f"snapshots). Received rollback_every={every!r}."
+            )
+        self.every = every
+        self.snapshot: Snapshot | None = None
+        self.healthy_since = 0
+
+    @property
+    def can_rollback(self) -> bool:
+        """A snapshot is there to restore."""
+        return self.snapshot is not None and self.snapshot.taken
+
+    @property
+    def due(self) -> bool:
+        """The next healthy step takes a snapshot (adapters measure parameter norms then)."""
+        return self.every is not None and (not self.can_rollback or self.healthy_since + 1 >= self.every)
+
+    def after(self, step: int, stats: Any, decision: Decision, params: Sequence[torch.Tensor],
+              optimizers: Sequence[torch.optim.Optimizer]) -> None:
+        """After a decision was carried out: take a snapshot when the step was healthy and one is due.
+
+        Args:
+            step: The optimizer step.
+            stats: Its :class:`gradwatch.StepStats`.
+            decision: Its decision.
+            params: The parameters (the snapshot copies them, before this step's update).
+            optimizers: Their optimizers.
+        """
+        if self.every is None:
+            return
+        healthy = (
+            stats.finite and not bool(stats.params_nonfinite.any())
+            and not decision.skip and not decision.rollback and decision.clip_norm is None
+        )
+        if not healthy:
+            return
+        self.healthy_since += 1
+        if self.snapshot is None:
+            self.snapshot = Snapshot(params, optimizers)
+        if not self.snapshot.taken or self.healthy_since >= self.every:
+            self.snapshot.take(step)
+            self.healthy_since = 0
+
+    def forget(self) -> None:
+        """Drop the snapshot (the parameters changed, or the run ended)."""
+        if self.snapshot is not None:
+            self.snapshot.clear()
+        self.snapshot = None
+
+
 def _copy_value(value: Any) -> Any:
     import copy
 

@@ -22,7 +22,7 @@ from gradwatch.report import Report
 from . import _torch_distributed
 from ._torch_layout import LayerNames, TorchParams, build_layout
 from ._torch_measure import measure
-from ._torch_remedies import LRScale, Snapshot, apply_decision, clip_grads
+from ._torch_remedies import LRScale, Rollbacks, apply_decision, clip_grads
 
 
 class Watch:
@@ -66,11 +66,7 @@ class Watch:
             raise TypeError(f"gradwatch.watch needs a torch.nn.Module as model. Received {type(model).__name__}.")
         if not isinstance(every, int) or every < 1:
             raise ValueError(f"every must be an int >= 1 (measure every N optimizer steps). Received every={every!r}.")
-        if rollback_every is not None and (not isinstance(rollback_every, int) or rollback_every < 1):
-            raise ValueError(
-                "rollback_every must be None (no snapshots) or an int >= 1 (healthy steps between "
-                f"snapshots). Received rollback_every={rollback_every!r}."
-            )
+        self._rollbacks = Rollbacks(rollback_every)  # validates rollback_every
         if not isinstance(param_norm_every, int) or param_norm_every < 0:
             raise ValueError(
                 "param_norm_every must be an int >= 0 (0: never measure parameter norms). "
@@ -95,8 +91,6 @@ class Watch:
         self.params: TorchParams = build_layout(model, optimizers, names=names)
         self.step = 0
         self._lr = LRScale()
-        self._snapshot: Snapshot | None = None
-        self._healthy_since_snapshot = 0
         self._loss: Any = None
         self._loss_count = 0
         self._round: set[int] = set()
@@ -173,9 +167,7 @@ class Watch:
             self._lr.restore(opt)
         if self.scaler is not None and self.scaler.__dict__.get("update") is self._scaler_update:
             del self.scaler.__dict__["update"]
-        if self._snapshot is not None:
-            self._snapshot.clear()
-            self._snapshot = None
+        self._rollbacks.forget()
         self._loss = None
         try:
             self.monitor.finish()
@@ -200,7 +192,7 @@ class Watch:
         """
         return {
             "monitor": self.monitor.state_dict(), "step": self.step, "every": self.every,
-            "measured": self._measured, "healthy_since_snapshot": self._healthy_since_snapshot,
+            "measured": self._measured, "healthy_since_snapshot": self._rollbacks.healthy_since,
             "param_norm": None if self._param_norm is None else [float(x) for x in self._param_norm],
         }
 
@@ -223,7 +215,7 @@ class Watch:
         self.monitor.load_state_dict(state["monitor"])
         self._controls = self.monitor.controls
         self.step = int(state["step"])
-        self._healthy_since_snapshot = int(state.get("healthy_since_snapshot", 0))
+        self._rollbacks.healthy_since = int(state.get("healthy_since_snapshot", 0))
         self._measured = int(state.get("measured", 0))
         saved = state.get("param_norm")
         self._param_norm = None if saved is None else np.array(saved, dtype=np.float64)
@@ -302,8 +294,7 @@ class Watch:
             if rebuilt.layout == self.params.layout:
                 rebuilt.layout = self.params.layout
             self.params = rebuilt
-            if self._snapshot is not None:
-                self._snapshot = None
+            self._rollbacks.forget()
         params = self.params.params
         controls = self._controls
         if step % self.every != 0:
@@ -326,44 +317,22 @@ class Watch:
         self._measured += 1
         if stats.params_measured:
             self._param_norm = stats.param_norm
-        can_rollback = self._snapshot is not None and self._snapshot.taken
+        can_rollback = self._rollbacks.can_rollback
         decision: Decision = self.monitor.observe(stats, immediate=True, can_rollback=can_rollback)
         # A plugin (select_actions) may have changed the decision's factor: the decision rules.
         self._controls = dataclasses.replace(decision.controls, lr_factor=decision.lr_factor)
-        apply_decision(decision, params, grad_scale=grad_scale, snapshot=self._snapshot)
-        if self.rollback_every is not None:
-            self._maybe_snapshot(step, stats, decision)
+        apply_decision(decision, params, grad_scale=grad_scale, snapshot=self._rollbacks.snapshot)
+        self._rollbacks.after(step, stats, decision, params, self.optimizers)
 
     def _param_norms_now(self) -> Any:
         """True to measure parameter norms on this step, else the last values (or False)."""
         if self.param_norm_every == 0:
             return False
-        snapshot_due = self.rollback_every is not None and (
-            self._snapshot is None or not self._snapshot.taken
-            or self._healthy_since_snapshot + 1 >= self.rollback_every
-        )
+        snapshot_due = self._rollbacks.due
         stale = self._param_norm is None or len(self._param_norm) != len(self.params)
         if stale or snapshot_due or self._measured % self.param_norm_every == 0:
             return True
         return self._param_norm
-
-    def _maybe_snapshot(self, step: int, stats: Any, decision: Decision) -> None:
-        healthy = (
-            stats.finite
-            and not bool(stats.params_nonfinite.any())
-            and not decision.skip
-            and not decision.rollback
-            and decision.clip_norm is None
-        )
-        if not healthy:
-            return
-        self._healthy_since_snapshot += 1
-        assert self.rollback_every is not None
-        if self._snapshot is None:
-            self._snapshot = Snapshot(self.params.params, self.optimizers)
-        if not self._snapshot.taken or self._healthy_since_snapshot >= self.rollback_every:
-            self._snapshot.take(step)
-            self._healthy_since_snapshot = 0
 
     def _before_scaler_update(self) -> None:
         """GradScaler.update: an optimizer that the scaler stepped but whose pre-hook did not fire

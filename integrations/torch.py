@@ -32,6 +32,8 @@ Building blocks for other integrations (Lightning, Hugging Face), stable signatu
 * :class:`LRScale`: ``apply(optimizer, factor)`` before ``optimizer.step()``, ``restore(optimizer)``
   after it; keeps the user's LR schedule and applies the factor on top.
 * :class:`Snapshot` ``(params, optimizers)``: ``take(step)`` / ``restore()`` for rollbacks.
+* :class:`Rollbacks` ``(every)``: when to take that snapshot (every N healthy steps):
+  ``can_rollback``, ``due``, ``after(step, stats, decision, params, optimizers)``, ``forget()``.
 * :func:`clip_grads`, :func:`drop_grads`.
 * :class:`DistributedMeasure` ``(group=None, model=None)``: ``measure(tp, step, ...)`` as above but
   across the ranks of ``torch.distributed`` (DDP, FSDP2, FSDP1) in one collective, the same
@@ -68,6 +70,7 @@ from ._torch_layout import (  # noqa: E402
 from ._torch_measure import measure, measure_tensors  # noqa: E402
 from ._torch_remedies import (  # noqa: E402
     LRScale,
+    Rollbacks,
     Snapshot,
     apply_decision,
     clip_grads,
@@ -162,6 +165,7 @@ __all__ = [
     "LRScale",
     "LayerNames",
     "RankZeroHooks",
+    "Rollbacks",
     "Snapshot",
     "TorchParams",
     "Watch",
