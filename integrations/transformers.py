@@ -59,6 +59,7 @@ transformers = require("transformers", "transformers")
 
 from gradwatch.integrations.torch import (  # noqa: E402
     LRScale,
+    Rollbacks,
     TorchParams,
     apply_decision,
     build_layout,
@@ -115,6 +116,10 @@ class GradWatchCallback(TrainerCallback, ExportableState):
             Defaults to True.
         strict: Raise gradwatch's own internal errors instead of warning once and stopping.
             Defaults to False.
+        rollback_every: Keep a copy of the parameters and optimizer state every N healthy steps, so
+            that ``auto`` can roll back (parameters turned non-finite, or an explosion right after
+            the LR jumped). Costs one copy of the parameters plus the optimizer state. Defaults to
+            None (no copy, no rollback).
         monitor: A :class:`gradwatch.Monitor` to use instead of a new one. Defaults to None.
 
     Attributes:
@@ -136,10 +141,12 @@ class GradWatchCallback(TrainerCallback, ExportableState):
         sinks: Any = None,
         param_norms: bool = True,
         strict: bool = False,
+        rollback_every: int | None = None,
         monitor: Monitor | None = None,
     ) -> None:
         if not isinstance(every, int) or every < 1:
             raise ValueError(f"every must be an int >= 1 (measure every N optimizer steps). Received every={every!r}.")
+        self._rollbacks = Rollbacks(rollback_every)  # validates rollback_every
         self.monitor = monitor if monitor is not None else Monitor(policy=policy, framework="transformers")
         self.every = every
         self.param_norms = param_norms
@@ -294,6 +301,7 @@ class GradWatchCallback(TrainerCallback, ExportableState):
         raw = getattr(optimizer, "optimizer", optimizer)
         if self._params.stale([raw]):
             self._params = build_layout(model, [raw])
+            self._rollbacks.forget()
         tp = self._params
         step = self.step
         self.step += 1
@@ -320,13 +328,14 @@ class GradWatchCallback(TrainerCallback, ExportableState):
             # lowers the scale; routine, not an explosion. (A NaN loss is judged as usual.)
             self.monitor.note_skipped(step, "grad_scaler")
             return
-        decision = self.monitor.observe(stats, immediate=True, can_rollback=False)
+        decision = self.monitor.observe(stats, immediate=True, can_rollback=self._rollbacks.can_rollback)
         if decision.skip:
-            apply_decision(decision, tp.params)
+            apply_decision(decision, tp.params, snapshot=self._rollbacks.snapshot)
         else:
             level = decision.clip_norm if decision.clip_norm is not None else math.inf
             self._clip(tp, level, unmeasured=False)
         self._lr.apply(optimizer, decision.lr_factor)
+        self._rollbacks.after(step, stats, decision, tp.params, [raw])
 
     def _count_nonfinite(self, losses: list[Any], args: Any, step: int) -> None:
         """The rare path: how many micro-batch losses were NaN/Inf (one extra host transfer)."""
@@ -365,6 +374,7 @@ class GradWatchCallback(TrainerCallback, ExportableState):
                 self._hook.remove()
                 self._hook = None
             self._losses = []
+            self._rollbacks.forget()
         except Exception as exc:
             self._fail(exc)
 

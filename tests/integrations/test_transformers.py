@@ -137,6 +137,26 @@ def test_an_injected_lr_of_1e3_is_caught_and_kept_finite(tmp_path):
     assert all(math.isfinite(v) for v in report.history["loss"])
 
 
+def test_an_injected_lr_of_1e3_is_rescued_with_rollback(tmp_path):
+    """With snapshots (rollback_every=1) auto undoes the update made at the jumped LR and brings
+    the LR back to where the run was healthy: the run ends below its first loss."""
+    model, gw = tiny_bert(regression=True), GradWatchCallback(rollback_every=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        train(model, [InjectLR(25, 1e3), gw], tmp_path, steps=50, lr=0.05, optim="sgd",
+              regression=True, max_grad_norm=0.0)
+    report = gw.report()
+    rollback = [a for a in report.actions if a.kind == "rollback"]
+    decay = [a for a in report.actions if a.kind == "lr_decay"]
+    assert [a.step for a in rollback] == [26] and decay[0].step == 26
+    assert "jumped" in decay[0].message
+    assert gw.monitor.controls.lr_factor * 1e3 == pytest.approx(0.05)  # back at the user's LR
+    losses = report.history["loss"]
+    assert all(math.isfinite(v) for v in losses)
+    assert sum(losses[-5:]) / 5 < losses[0]
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
 class PoisonedBert(BertForSequenceClassification):
     """A BERT whose loss is NaN on one training forward pass (a corrupt batch)."""
 
