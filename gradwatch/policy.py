@@ -80,10 +80,16 @@ class PolicyState(NamedTuple):
     """The user's scheduled learning rate (before gradwatch's factor) on recent healthy steps."""
     clip_streak: int = 0
     """Consecutive measured steps whose norm was over ``heavy_clip_ratio`` times the clip level."""
+    last_exploding_step: int = -(10**9)
+    """The last step with an ``exploding`` finding."""
+    lr_cap: float = math.inf
+    """While the user's LR stays jumped: the scheduled LR it is held to (the healthy one)."""
+    jump_factor: float = 1.0
+    """The extra factor that holds the jumped LR at ``lr_cap`` (1.0 when no jump is in force)."""
 
     @property
     def controls(self) -> Controls:
-        return Controls(self.skip_nonfinite, self.clip_norm, self.lr_factor)
+        return Controls(self.skip_nonfinite, self.clip_norm, self.lr_factor * self.jump_factor)
 
 
 class Policy:
@@ -152,7 +158,8 @@ class AutoPolicy(Policy):
         min_lr_factor: Never decay below this share of the user's LR. Defaults to 1e-3.
         cooldown: Steps between two LR decays. Defaults to 10.
         nonfinite_patience: Non-finite steps within ``nonfinite_window`` steps that trigger a
-            decay. Defaults to 3.
+            decay, when the norm exploded within that window too (non-finite steps out of a healthy
+            run come from the data or the model, and are only skipped). Defaults to 3.
         nonfinite_window: Defaults to 50.
         lr_jump_ratio: When the norm explodes right after the user's scheduled learning rate rose
             more than this many times above its recent median (a mistyped LR, a schedule bug), the
@@ -265,26 +272,41 @@ class AutoPolicy(Policy):
                     {}, "parameters were non-finite: restored the last healthy snapshot",
                 ))
                 decay("nonfinite", "parameters turned non-finite")
-            elif len(recent) >= self.nonfinite_patience:
-                decay("nonfinite", f"{len(recent)} non-finite steps within {self.nonfinite_window} steps")
+            elif len(recent) >= self.nonfinite_patience and step - s.last_exploding_step <= self.nonfinite_window:
+                # NaNs that follow an explosion come from the step size; NaNs out of a healthy run
+                # come from the data or the model (a sqrt at 0): skipping them is the remedy, and
+                # a smaller LR would only slow the run down.
+                decay("nonfinite", f"{len(recent)} non-finite steps within {self.nonfinite_window} steps "
+                      "after the norm exploded")
 
         exploding = by_kind.get("exploding", [])
+        if exploding:
+            s = s._replace(last_exploding_step=step)
+        in_force = s.lr_factor * s.jump_factor
         scheduled_lr = (
-            stats.lr / s.lr_factor
-            if stats.lr is not None and math.isfinite(stats.lr) and stats.lr > 0 and s.lr_factor > 0
+            stats.lr / in_force
+            if stats.lr is not None and math.isfinite(stats.lr) and stats.lr > 0 and in_force > 0
             else None
         )
+        if scheduled_lr is not None and math.isfinite(s.lr_cap):
+            if scheduled_lr <= s.lr_cap:  # the user's LR came back down: lift the hold
+                s = s._replace(lr_cap=math.inf, jump_factor=1.0)
+            else:
+                s = s._replace(jump_factor=s.lr_cap / scheduled_lr)
         if exploding and scheduled_lr is not None and len(s.recent_lr) >= min(3, self.lr_window):
             reference = sorted(s.recent_lr)[len(s.recent_lr) // 2]
             if reference > 0 and scheduled_lr > self.lr_jump_ratio * reference and self.lr_decay:
-                new = s.lr_factor * reference / scheduled_lr
+                before_factor = s.lr_factor * s.jump_factor
+                s = s._replace(lr_cap=reference, jump_factor=reference / scheduled_lr,
+                               last_decay_step=step, recent_lr=())
+                after_factor = s.lr_factor * s.jump_factor
                 actions.append(Action(
-                    "lr_decay", step, "exploding", {"lr_factor": s.lr_factor, "lr": stats.lr},
-                    {"lr_factor": new, "lr": reference * s.lr_factor}, {"factor": new / s.lr_factor},
+                    "lr_decay", step, "exploding", {"lr_factor": before_factor, "lr": stats.lr},
+                    {"lr_factor": after_factor, "lr": reference * s.lr_factor}, {"factor": after_factor / before_factor},
                     f"the learning rate jumped {scheduled_lr / reference:.3g}x (from {reference:.3g} to "
-                    f"{scheduled_lr:.3g}) just before the explosion: brought back to {reference:.3g}",
+                    f"{scheduled_lr:.3g}) just before the explosion: held at {reference:.3g} while the "
+                    "jump lasts",
                 ))
-                s = s._replace(lr_factor=new, last_decay_step=step, recent_lr=())
                 if self.rollback and can_rollback and not rollback:
                     rollback = True
                     actions.append(Action(
@@ -346,7 +368,7 @@ class AutoPolicy(Policy):
                 "skipped the step: parameters and optimizer state unchanged",
             ))
         decision = Decision(
-            step=step, skip=skip, clip_norm=clip_norm, lr_factor=s.lr_factor, rollback=rollback,
+            step=step, skip=skip, clip_norm=clip_norm, lr_factor=s.controls.lr_factor, rollback=rollback,
             actions=actions, controls=s.controls,
         )
         return decision, s

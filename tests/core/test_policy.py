@@ -88,14 +88,31 @@ def test_auto_decays_at_once_on_unbounded_growth_and_respects_floor():
     assert factors == [0.5, 0.25, 0.2, 0.2, 0.2]
 
 
-def test_auto_decays_when_nonfinite_steps_repeat():
-    p = AutoPolicy(nonfinite_patience=3, nonfinite_window=50)
+def test_auto_decays_when_nonfinite_steps_repeat_after_an_explosion():
+    p = AutoPolicy(nonfinite_patience=3, nonfinite_window=50, cooldown=100)
     state = p.init()
+    _, state = p.decide([exploding(0)], stats(0, norm=50.0), state)
+    factor = state.lr_factor
     kinds = []
-    for t in (0, 10, 20):
+    for t in (10, 20, 30):
         d, state = p.decide([nonfinite(t)], stats(t, finite=False), state)
         kinds.append(sorted(a.kind for a in d.actions))
     assert kinds == [["skip_step"], ["skip_step"], ["lr_decay", "skip_step"]]
+    assert d.lr_factor == factor * 0.5
+
+
+def test_nonfinite_steps_out_of_a_healthy_run_are_only_skipped():
+    """One batch in eight makes a NaN (bad data, a sqrt at zero): skipping is the remedy; decaying
+    the LR would only stall the run."""
+    p = AutoPolicy()
+    state = p.init()
+    for t in range(200):
+        if t % 8 == 0:
+            d, state = p.decide([nonfinite(t)], stats(t, finite=False), state)
+            assert [a.kind for a in d.actions] == ["skip_step"]
+        else:
+            d, state = p.decide([], stats(t), state)
+        assert d.lr_factor == 1.0
 
 
 def test_auto_rolls_back_only_when_the_adapter_can():
@@ -199,3 +216,21 @@ def test_auto_decays_when_clipping_keeps_cutting_hard():
     for t in range(1, 30):
         d, state = p2.decide([], stats(t, norm=1.5), state)
     assert d.lr_factor == 1.0
+
+
+def test_the_hold_on_a_jumped_lr_lifts_when_the_users_lr_comes_back():
+    """LR x100 for three steps: held at the healthy LR while the jump lasts, untouched after."""
+    p = AutoPolicy()
+    state = p.init()
+    for t in range(20):
+        d, state = p.decide([], lr_stats(t, 1e-3), state)
+    d, state = p.decide([], lr_stats(20, 1e-1), state)  # the jump; no finding yet
+    d, state = p.decide([exploding(21, severity="error")], lr_stats(21, 1e-1, norm=500.0), state)
+    assert d.lr_factor == pytest.approx(1e-2)
+    # still jumped: the adapter reports the effective LR (scheduled x factor in force)
+    d, state = p.decide([], lr_stats(22, 1e-1 * d.lr_factor), state)
+    assert d.lr_factor == pytest.approx(1e-2)
+    # the user's schedule is back at 1e-3: the hold lifts, the LR is the user's again
+    d, state = p.decide([], lr_stats(23, 1e-3 * d.lr_factor), state)
+    assert d.lr_factor == 1.0
+    assert state.lr_cap == math.inf
