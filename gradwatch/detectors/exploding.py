@@ -7,8 +7,8 @@ Three rules, each judged against the run's own history rather than a fixed numbe
    updated with the clipped value on a spike, as in ZClip, so a lasting change of regime is
    absorbed slowly instead of being flagged forever. Judged only after ``warmup`` finite steps.
 2. **Sustained growth** (severity ``error``): over the last ``window`` steps the norm rose by more
-   than ``growth_factor``, most step-to-step changes were increases, and the newest value is the
-   largest. Needs no warm-up, so a run that diverges from step 0 is caught too: judged from the
+   than ``growth_factor`` (or by ``growth_factor ** 1.25`` over ``2 * window`` steps: a slower
+   divergence), most step-to-step changes were increases, and the newest value is the largest. Needs no warm-up, so a run that diverges from step 0 is caught too: judged from the
    third finite step on, over the steps seen so far, so that a run which grows ``growth_factor``
    in fewer than ``window`` steps and then turns non-finite is still called an explosion.
 3. **Update-to-weight ratio** (severity ``warning``): when the adapter measures the update, any
@@ -105,7 +105,7 @@ def exploding(
             seen=0,
             log_mean=0.0,
             log_var=0.0,
-            recent=np.zeros(window),
+            recent=np.zeros(2 * window),
             cursor=0,
             tensor_log_mean=np.full(len(layout), np.nan),
         )
@@ -125,7 +125,7 @@ def exploding(
         measured = stats.has_grad & (stats.grad_norm > 0)
         tensor_log = np.where(measured, np.log(np.where(measured, stats.grad_norm, 1.0)), np.nan)
         recent, cursor = push(state.recent, state.cursor, log_norm)
-        filled = min(state.seen + 1, window)
+        filled = min(state.seen + 1, 2 * window)
         history = ordered(recent, cursor, filled)
 
         if spike:
@@ -151,31 +151,30 @@ def exploding(
                     "clip_threshold": clip_level,
                 },
             ))
-        if filled >= 3:
-            rise = history[-1] - history.min()
-            ups = np.count_nonzero(np.diff(history) > 0) / (len(history) - 1)
-            if rise > math.log(growth_factor) and ups >= 0.6 and history[-1] >= history.max():
-                layers = _exploding_layers(stats, tensor_log, state.tensor_log_mean, 1.0)
-                growth = math.exp(rise)
-                findings.append(Finding(
-                    kind="exploding",
-                    severity="error",
-                    step=stats.step,
-                    layers=layers,
-                    message=(
-                        f"Global gradient norm grew {growth:.0f}x over the last {window} steps and is "
-                        f"still rising (now {norm:.3g}): the run is diverging. Lower the learning "
-                        "rate or clip the gradient norm."
-                    ),
-                    evidence={
-                        "rule": "growth",
-                        "global_norm": norm,
-                        "growth": growth,
-                        "window": window,
-                        "clip_threshold": min(clip_level, math.exp(history.min()) * min_ratio)
-                        if warm else math.exp(history.min()) * min_ratio,
-                    },
-                ))
+        growth_span = _sustained_growth(history, window, math.log(growth_factor))
+        if growth_span:
+            span = history[-growth_span:]
+            layers = _exploding_layers(stats, tensor_log, state.tensor_log_mean, 1.0)
+            growth = math.exp(span[-1] - span.min())
+            findings.append(Finding(
+                kind="exploding",
+                severity="error",
+                step=stats.step,
+                layers=layers,
+                message=(
+                    f"Global gradient norm grew {growth:.0f}x over the last {growth_span} steps and is "
+                    f"still rising (now {norm:.3g}): the run is diverging. Lower the learning "
+                    "rate or clip the gradient norm."
+                ),
+                evidence={
+                    "rule": "growth",
+                    "global_norm": norm,
+                    "growth": growth,
+                    "window": growth_span,
+                    "clip_threshold": min(clip_level, math.exp(span.min()) * min_ratio)
+                    if warm else math.exp(span.min()) * min_ratio,
+                },
+            ))
         if stats.layout.roles and np.isfinite(stats.update_norm).any():
             ratio_u = _update_ratios(stats)
             big = [stats.layout.layers[i] for i in np.flatnonzero(ratio_u > max_update_ratio)]
@@ -213,6 +212,22 @@ def exploding(
         )
 
     return Detector("exploding", init, update)
+
+
+def _sustained_growth(history: np.ndarray, window: int, log_factor: float) -> int:
+    """The span (in steps) over which the log norms in ``history`` (oldest first) show sustained
+    growth, or 0: ``factor`` over the last ``window`` steps (judged from the third step on), or
+    ``factor ** 1.25`` over ``2 * window`` steps (a slower divergence, e.g. 1.4x per step), each
+    with most step-to-step changes up and the newest value the largest."""
+    for span, needed in ((window, log_factor), (2 * window, 1.25 * log_factor)):
+        part = history[-span:]
+        if len(part) < 3 or (span > window and len(part) < span):
+            continue
+        rise = part[-1] - part.min()
+        ups = np.count_nonzero(np.diff(part) > 0) / (len(part) - 1)
+        if rise > needed and ups >= 0.6 and part[-1] >= part.max():
+            return len(part)
+    return 0
 
 
 def _exploding_layers(

@@ -155,3 +155,11 @@ def test_detector_state_round_trips(detector):
         b, restored = detector.update(s, restored)
         assert [f.to_dict() for f in a] == [f.to_dict() for f in b]
     assert repr(state_to_dict(state)) == repr(state_to_dict(restored))
+
+
+def test_exploding_catches_a_slow_divergence():
+    """1.43x per step (a linear regression at 2.4/lambda_max): 25x over a 10-step window is under
+    the 100x of the short span, ~900x over 20 steps is over the 316x (100 ** 1.25) of the long one."""
+    found, _ = run(detectors.exploding(), testing.exploding_stream(onset=0, steps=40, growth=1.43))
+    assert found and found[0].severity == "error" and found[0].step <= 20
+    assert found[0].evidence["window"] == 20
