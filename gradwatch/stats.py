@@ -165,6 +165,22 @@ class Layout:
         return cls(tuple(d["names"]), tuple(d["layers"]), tuple(d["roles"]), tuple(d["numel"]))
 
 
+ATTENTION_SCORE_PROJECTIONS = frozenset(
+    ("query", "key", "q_proj", "k_proj", "query_proj", "key_proj", "q", "k", "wq", "wk", "q_lin", "k_lin",
+     "to_q", "to_k")
+)
+"""Names of the layers that project queries and keys in attention (Keras ``MultiHeadAttention``,
+Hugging Face BERT/LLaMA/DistilBERT, diffusers). Their gradients are scaled by how peaked the
+attention softmax is — tiny while attention is near uniform, at initialisation and during warm-up —
+not by depth, so their tensors take the role ``other`` and are not compared across depth."""
+
+
+def attention_score_projection(name: str) -> bool:
+    """True when ``name`` (a parameter path) belongs to an attention query or key projection."""
+    parts = [p for p in re.split(r"[./]", name.lower()) if p]
+    return len(parts) >= 2 and parts[-2] in ATTENTION_SCORE_PROJECTIONS
+
+
 def layer_of(name: str) -> str:
     """The layer part of a parameter name: everything before its last ``.`` or ``/``."""
     cut = max(name.rfind("."), name.rfind("/"))
@@ -175,6 +191,8 @@ def guess_role(name: str) -> str:
     """Guess a tensor's role from its name (``bias``, ``embeddings``, ``gamma`` ...)."""
     lowered = name.lower()
     leaf = lowered.rsplit("/", 1)[-1].rsplit(".", 1)[-1].split(":")[0]
+    if attention_score_projection(name.split(":")[0]):
+        return "other"
     tokens = [t for t in re.split(r"[./:_]", lowered) if t]
     if any(t.startswith("emb") for t in tokens) or any(t in ("wte", "wpe") for t in tokens):
         return "embedding"

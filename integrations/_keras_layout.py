@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from gradwatch.stats import Layout, guess_role, layer_of
+from gradwatch.stats import Layout, attention_score_projection, guess_role, layer_of
 
 NORM_LAYERS = (
     "BatchNormalization",
@@ -46,6 +46,8 @@ def _owners(model: Any) -> dict[int, Any]:
 def _role(variable: Any, owner: Any) -> str:
     if owner is not None and any(cls.__name__ in NORM_LAYERS for cls in type(owner).__mro__):
         return "norm"
+    if attention_score_projection(variable.path):
+        return "other"  # scaled by the attention softmax, not by depth
     leaf = variable.name.rsplit("/", 1)[-1]
     if leaf == "bias":
         return "bias"

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from gradwatch.stats import Layout
+from gradwatch.stats import Layout, attention_score_projection
 
 NORM_TYPES: tuple[type, ...] = tuple(
     t
@@ -205,7 +205,10 @@ def build_layout(
                 seen.add(id(p))
                 layer = _rename(path, names) if path else pname
                 name = f"{path}.{pname}" if path else pname
-                entries.append((name, layer, param_role(module, pname, p), p))
+                role = param_role(module, pname, p)
+                if role in ("weight", "bias") and attention_score_projection(name):
+                    role = "other"  # scaled by the attention softmax, not by depth
+                entries.append((name, layer, role, p))
     for k, opt in enumerate(opts):
         i = 0
         for group in opt.param_groups:

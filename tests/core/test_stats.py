@@ -99,3 +99,18 @@ def test_stepstats_to_dict_is_json_friendly():
     d = s.to_dict()
     json.dumps(d, allow_nan=False)
     assert d["grad_norm"] == [None] and d["loss"] == "nan"
+
+
+@pytest.mark.parametrize(
+    ("name", "role"),
+    [
+        ("encoder.layer.0.attention.self.query.weight", "other"),
+        ("model.layers.3.self_attn.k_proj.weight", "other"),
+        ("multi_head_attention/query/kernel", "other"),
+        ("model.layers.3.self_attn.v_proj.weight", "weight"),
+        ("multi_head_attention/value/kernel", "weight"),
+        ("keyboard.weight", "weight"),
+    ],
+)
+def test_attention_query_and_key_projections_are_not_compared_across_depth(name, role):
+    assert guess_role(name) == role
