@@ -26,12 +26,12 @@ from __future__ import annotations
 
 import math
 import threading
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 from gradwatch.integrations import _keras_distributed
+from gradwatch.integrations._keras_host import ProbeReader, controls_vector
 from gradwatch.integrations._keras_layout import keras_layout
 
 from gradwatch.policy import Controls
@@ -42,13 +42,6 @@ HEAD = ("step", "global_norm", "lr", "skipped", "clip_scale")
 ``has_grad``, one entry per trainable variable each."""
 COL_STEP, COL_GLOBAL, COL_LR, COL_SKIPPED, COL_SCALE = range(len(HEAD))
 BLOCKS = ("grad_norm", "param_norm", "zero_fraction", "has_grad")
-
-
-def controls_vector(controls: Controls) -> np.ndarray:
-    """The controls as the float32 vector the compiled step reads: ``[skip, clip_norm, lr_factor]``."""
-    return np.array(
-        [1.0 if controls.skip_nonfinite else 0.0, controls.clip_norm, controls.lr_factor], dtype=np.float32
-    )
 
 
 def base_optimizer(optimizer: Any) -> Any:
@@ -72,7 +65,7 @@ class _ScaledLearningRate:
         return self.value
 
 
-class StepProbe:
+class StepProbe(ProbeReader):
     """Patch one optimizer so that each of its steps is measured and steered in-graph.
 
     Args:
@@ -203,56 +196,6 @@ class StepProbe:
 
         return Hidden()
 
-    # -- host side -----------------------------------------------------------------------------
-
-    def read(self) -> tuple[int, np.ndarray]:
-        """The step counter and the ring of rows, as numpy (one device-to-host transfer each).
-
-        On JAX the variables are detached during ``fit``; the newest state lives in
-        ``model._jax_state``, whose arrays the next step may donate: a read that loses that race
-        retries on the newer state (the ring still holds the rows).
-        """
-        if not self.ready:
-            return self._count, np.zeros((self.ring, 0), dtype=np.float32)
-        with self.lock:
-            if self.backend == "jax":
-                return self._read_jax()
-            ops = self.keras.ops
-            return int(ops.convert_to_numpy(self.count_var.value)), np.array(
-                ops.convert_to_numpy(self.ring_var.value), copy=True
-            )
-
-    def _read_jax(self) -> tuple[int, np.ndarray]:
-        deadline = time.monotonic() + 60.0
-        while True:
-            state = getattr(self.model, "_jax_state", None)
-            try:
-                if state and state.get("optimizer_variables"):
-                    values = state["optimizer_variables"]
-                    count = np.array(values[self.positions[1]], copy=True)
-                    ring = np.array(values[self.positions[0]], copy=True)
-                else:
-                    count = np.array(self.count_var.value, copy=True)
-                    ring = np.array(self.ring_var.value, copy=True)
-                return int(count), ring
-            except RuntimeError as exc:
-                if "deleted" not in str(exc) or time.monotonic() > deadline:
-                    raise
-            # The next step donated these arrays: its own state (with our rows) comes next.
-            while getattr(self.model, "_jax_state", None) is state and time.monotonic() < deadline:
-                time.sleep(0.0005)
-
-    def write_controls(self, controls: Controls) -> None:
-        """Write new standing orders; call between steps, on the thread that runs ``fit``."""
-        if not self.ready:
-            self._controls = controls
-            return
-        if self.backend == "jax" and getattr(self.model, "_jax_state", None):
-            # The variables are detached while fit runs; sync them back so the next step reads
-            # the whole state (ours included) from the variables again.
-            self.model.jax_state_sync()
-        self.controls_var.assign(controls_vector(controls))
-
     # -- the compiled step ---------------------------------------------------------------------
 
     def _apply(self, grads: Sequence[Any], trainable_variables: Sequence[Any] | None) -> Any:
@@ -377,50 +320,9 @@ class StepProbe:
         return {"grads": grads, "skip": skip, "scale": scale, "rate": rate, "do_clip": do_clip}
 
     def _measure_torch(self, grads: list[Any], by_index: dict[int, Any]) -> dict[str, Any]:
-        """The same as :meth:`_measure` in plain torch: eager Keras ops cost ~10 us each."""
-        import torch
+        from gradwatch.integrations._keras_torch import measure_torch
 
-        with torch.no_grad():
-            present = sorted(by_index)
-            norms = self._norms([by_index[i] for i in present])
-            params = torch.stack(self._norms([v.value for v in self.variables]))
-            device = params.device
-            key = tuple(present)
-            cached = getattr(self, "_torch_cache", None)
-            if cached is None or cached[0] != key:
-                index = torch.tensor(present, dtype=torch.long, device=device)
-                biases = [i for i in present if self.layout.roles[i] == "bias"]
-                has = torch.zeros(self.n, device=device)
-                has[index] = 1.0
-                cached = (key, index, biases, torch.tensor(biases, dtype=torch.long, device=device), has)
-                self._torch_cache = cached
-            _, index, biases, bias_index, has = cached
-            grad_vec = torch.zeros(self.n, device=device)
-            if norms:
-                grad_vec[index] = torch.stack(norms)
-            zero_fraction = torch.full((self.n,), math.nan, device=device)
-            if biases:
-                zero_fraction[bias_index] = torch.stack([(by_index[i] == 0).float().mean() for i in biases])
-            finite = torch.isfinite(grad_vec).all()
-            global_norm = torch.linalg.vector_norm(grad_vec)
-            controls = self.controls_var.value
-            rate = self.target._get_current_learning_rate()
-            rate = rate.value if hasattr(rate, "value") else torch.as_tensor(rate, device=device)
-            if self.remedies:
-                skip = (controls[0] > 0.5) & ~finite
-                do_clip = finite & ~skip & (global_norm > controls[1])
-                scale = torch.where(do_clip, controls[1] / global_norm.clamp_min(1e-30), torch.ones((), device=device))
-                rate = rate * controls[2].to(rate.dtype)
-            else:
-                skip = do_clip = torch.zeros((), dtype=torch.bool, device=device)
-                scale = torch.ones((), device=device)
-            count = self.count_var.value
-            head = torch.stack([count.float(), global_norm, rate.float(), skip.float(), scale])
-            row = torch.cat([head, grad_vec, params, zero_fraction, has])
-            with self.lock:
-                self.ring_var.value.index_copy_(0, (count % self.ring).long().view(1), row.view(1, -1))
-                count.add_(1)
-        return {"grads": grads, "skip": skip, "scale": scale, "rate": rate, "do_clip": do_clip}
+        return measure_torch(self, grads, by_index)
 
     def _steer(self, plan: dict[str, Any], trainable_variables: Sequence[Any] | None) -> Any:
         ops = self.keras.ops
