@@ -157,8 +157,8 @@ class GradWatch(keras.callbacks.Callback):
         if probe is None or self._stopped:
             return
         started = self._epoch_base + int(batch)
-        # New controls take effect one execution after the one they were decided on, the same on
-        # every backend and whatever the timing of the asynchronous reader: a run is reproducible
+        # Controls decided on execution k take effect from execution k + 2, the same on every
+        # backend and whatever the timing of the asynchronous reader: a run is reproducible
         # while the reader of execution k overlaps the device running execution k + 1.
         decided_by = started - probe.steps_per_execution
         previous, self._started = self._started, started
