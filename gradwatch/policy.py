@@ -80,6 +80,10 @@ class PolicyState(NamedTuple):
     """The user's scheduled learning rate (before gradwatch's factor) on recent healthy steps."""
     clip_streak: int = 0
     """Consecutive measured steps whose norm was over ``heavy_clip_ratio`` times the clip level."""
+    clip_streak_norm: float = 0.0
+    """The global norm when that streak began."""
+    clip_streak_loss: float = math.nan
+    """The loss when that streak began (NaN: not known)."""
     last_exploding_step: int = -(10**9)
     """The last step with an ``exploding`` finding."""
     lr_cap: float = math.inf
@@ -169,9 +173,10 @@ class AutoPolicy(Policy):
             Needs the adapter to report ``StepStats.lr``. Defaults to 10.0.
         lr_window: Healthy steps whose LR form that median. Defaults to 10.
         heavy_clip_ratio: Clipping that has to cut the norm by more than this factor on every one
-            of ``cooldown`` consecutive steps is holding back an LR that is too high: the LR is
-            decayed (the detector stops calling such a steady state an explosion, since it
-            adapts to it; the policy does not). Defaults to 2.0.
+            of ``cooldown`` consecutive steps without progress (the loss, when known, not 1% lower;
+            else the norm not halved) is holding back
+            an LR that is too high: the LR is decayed (the detector stops calling such a steady
+            state an explosion, since it adapts to it; the policy does not). Defaults to 2.0.
 
     Raises:
         ValueError: for a factor outside (0, 1) or a negative count.
@@ -332,14 +337,29 @@ class AutoPolicy(Policy):
             decay("exploding", "the gradient norm explodes")
         norm = stats.global_norm
         if math.isfinite(s.clip_norm) and stats.finite:
-            streak = s.clip_streak + 1 if norm > self.heavy_clip_ratio * s.clip_norm else 0
+            heavy = norm > self.heavy_clip_ratio * s.clip_norm
+            streak = s.clip_streak + 1 if heavy else 0
+            loss = stats.loss if stats.loss is not None and math.isfinite(stats.loss) else math.nan
+            if streak == 1:
+                s = s._replace(clip_streak_norm=norm, clip_streak_loss=loss)
             s = s._replace(clip_streak=streak)
             if streak >= max(self.cooldown, 1):
-                factor_before = s.lr_factor
-                decay("exploding", f"clipping cut the norm by over {self.heavy_clip_ratio:g}x on {streak} "
-                      "steps in a row: the learning rate is too high for this model")
-                if s.lr_factor < factor_before:
-                    s = s._replace(clip_streak=0)
+                progress = (
+                    loss < 0.99 * s.clip_streak_loss if math.isfinite(loss) and math.isfinite(s.clip_streak_loss)
+                    else norm < 0.5 * s.clip_streak_norm
+                )
+                if progress:
+                    # The loss went down (or, without a loss, the norm halved) under clipping: the
+                    # run is coming back from far away, where a stable run has large gradients too.
+                    # Judge the next stretch from here.
+                    s = s._replace(clip_streak=1, clip_streak_norm=norm, clip_streak_loss=loss)
+                else:
+                    factor_before = s.lr_factor
+                    decay("exploding", f"clipping cut the norm by over {self.heavy_clip_ratio:g}x on {streak} "
+                          "steps in a row without bringing it down: the learning rate is too high for "
+                          "this model")
+                    if s.lr_factor < factor_before:
+                        s = s._replace(clip_streak=0)
 
         if self.recommend_batchnorm:
             for f in by_kind.get("vanishing", []):
