@@ -56,7 +56,7 @@ import numpy as np
 import pluggy
 
 from gradwatch.errors import GradwatchWarning
-from gradwatch.findings import _jsonable
+from gradwatch.findings import _jsonable, severity_rank
 from gradwatch.hookspecs import hookimpl
 
 if TYPE_CHECKING:
@@ -463,6 +463,34 @@ def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
 # -- logging ---------------------------------------------------------------------------------------
 
 _LEVELS = {"info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
+
+
+class WarnOnceSink(Sink):
+    """Findings of severity warning or error as one Python warning per finding kind (the first
+    one of each kind), for the training callbacks that speak through warnings.
+
+    Args:
+        warn: How to warn (``lightning``'s ``rank_zero_warn`` for one warning on rank zero).
+            Defaults to ``warnings.warn`` with ``UserWarning``.
+
+    Attributes:
+        enabled: False silences it (processes other than the main one).
+    """
+
+    def __init__(self, warn: Any = None) -> None:
+        super().__init__()
+        self.warned: set[str] = set()
+        self.enabled = True
+        self._warn = warn
+
+    def write_finding(self, finding: Any, monitor: Monitor) -> None:
+        if not self.enabled or severity_rank(finding.severity) < 1 or finding.kind in self.warned:
+            return
+        self.warned.add(finding.kind)
+        if self._warn is not None:
+            self._warn(f"gradwatch: {finding}")
+        else:
+            warnings.warn(f"gradwatch: {finding}", UserWarning, stacklevel=2)
 
 
 class LoggingSink(Sink):

@@ -65,26 +65,12 @@ from gradwatch.integrations.torch import (  # noqa: E402
 )
 from lightning.pytorch.utilities import GradClipAlgorithmType, rank_zero_info, rank_zero_warn  # noqa: E402
 
-from gradwatch.findings import Finding, severity_rank  # noqa: E402
 from gradwatch.monitor import Monitor  # noqa: E402
 from gradwatch.policy import Policy  # noqa: E402
 from gradwatch.report import Report  # noqa: E402
-from gradwatch.sinks import Sink, resolve_sinks, step_scalars  # noqa: E402
+from gradwatch.sinks import WarnOnceSink, resolve_sinks, step_scalars  # noqa: E402
 
 __all__ = ["GradWatch"]
-
-
-class _WarnOnce(Sink):
-    """Findings of severity warning/error as one Python warning per kind, on rank zero."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.warned: set[str] = set()
-
-    def write_finding(self, finding: Finding, monitor: Monitor) -> None:
-        if severity_rank(finding.severity) >= 1 and finding.kind not in self.warned:
-            self.warned.add(finding.kind)
-            rank_zero_warn(f"gradwatch: {finding}", category=UserWarning)
 
 
 class GradWatch(pl.Callback):
@@ -142,7 +128,7 @@ class GradWatch(pl.Callback):
         self.param_norms = param_norms
         self.strict = strict
         self.sinks = [s.attach(self.monitor) for s in resolve_sinks(sinks)]
-        self._warn = _WarnOnce().attach(self.monitor)
+        self._warn = WarnOnceSink(lambda message: rank_zero_warn(message, category=UserWarning)).attach(self.monitor)
         self.step = 0
         self._params: TorchParams | None = None
         self._optimizer: Any = None

@@ -69,27 +69,12 @@ from gradwatch.integrations.torch import (  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 from transformers.trainer_callback import ExportableState  # noqa: E402
 
-from gradwatch.findings import Finding, severity_rank  # noqa: E402
 from gradwatch.monitor import Monitor  # noqa: E402
 from gradwatch.policy import Policy  # noqa: E402
 from gradwatch.report import Report  # noqa: E402
-from gradwatch.sinks import Sink, resolve_sinks  # noqa: E402
+from gradwatch.sinks import WarnOnceSink, resolve_sinks  # noqa: E402
 
 __all__ = ["GradWatchCallback"]
-
-
-class _WarnOnce(Sink):
-    """Findings of severity warning/error as one Python warning per kind, on the main process."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.warned: set[str] = set()
-        self.enabled = True
-
-    def write_finding(self, finding: Finding, monitor: Monitor) -> None:
-        if self.enabled and severity_rank(finding.severity) >= 1 and finding.kind not in self.warned:
-            self.warned.add(finding.kind)
-            warnings.warn(f"gradwatch: {finding}", UserWarning, stacklevel=1)
 
 
 def _output_loss(output: Any) -> Any:
@@ -152,7 +137,7 @@ class GradWatchCallback(TrainerCallback, ExportableState):
         self.param_norms = param_norms
         self.strict = strict
         self.sinks = [s.attach(self.monitor) for s in resolve_sinks(sinks)]
-        self._warn = _WarnOnce().attach(self.monitor)
+        self._warn = WarnOnceSink().attach(self.monitor)
         self.step = 0
         self.nonfinite_losses = 0
         self.micro_batches = 0
