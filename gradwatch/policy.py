@@ -241,52 +241,42 @@ class AutoPolicy(Policy):
         self, findings: Sequence[Finding], stats: StepStats, state: PolicyState, *,
         can_rollback: bool = False, immediate: bool = True,
     ) -> tuple[Decision, PolicyState]:
-        step = stats.step
-        before = state.controls
         by_kind: dict[str, list[Finding]] = {}
         for f in findings:
             by_kind.setdefault(f.kind, []).append(f)
-        actions: list[Action] = []
-        rollback = False
-        s = state
+        plan = _Plan(self, stats.step, state)
+        self._on_nonfinite(plan, by_kind, can_rollback)
+        self._on_lr_jump(plan, by_kind, stats, can_rollback)
+        self._on_exploding(plan, by_kind, stats)
+        self._on_heavy_clipping(plan, stats)
+        self._recommend(plan, by_kind)
+        return self._finish(plan, stats, state.controls, immediate)
 
-        def decay(reason: str, why: str) -> None:
-            nonlocal s
-            if not self.lr_decay or step - s.last_decay_step < self.cooldown:
-                return
-            if any(a.kind == "lr_decay" for a in actions):
-                return  # one decay per step, whatever the reasons
-            new = max(s.lr_factor * self.decay_factor, self.min_lr_factor)
-            if new >= s.lr_factor:
-                return
-            actions.append(Action(
-                "lr_decay", step, reason, {"lr_factor": s.lr_factor}, {"lr_factor": new},
-                {"factor": new / s.lr_factor},
-                f"learning rate x{new / s.lr_factor:g} (now x{new:g} of the schedule): {why}",
-            ))
-            s = s._replace(lr_factor=new, last_decay_step=step)
+    def _on_nonfinite(self, plan: _Plan, by_kind: dict[str, list[Finding]], can_rollback: bool) -> None:
+        if "nonfinite" not in by_kind:
+            return
+        step, s = plan.step, plan.state
+        recent = tuple(t for t in s.nonfinite_steps if step - t < self.nonfinite_window) + (step,)
+        plan.state = s._replace(nonfinite_steps=recent[-self.nonfinite_patience:])
+        params_bad = any(f.evidence.get("params_nonfinite") for f in by_kind["nonfinite"])
+        if params_bad and self.rollback and can_rollback:
+            plan.roll_back("nonfinite", "parameters were non-finite: restored the last healthy snapshot",
+                           {"params_finite": False}, {"params_finite": True})
+            plan.decay("nonfinite", "parameters turned non-finite")
+        elif len(recent) >= self.nonfinite_patience and step - s.last_exploding_step <= self.nonfinite_window:
+            # NaNs that follow an explosion come from the step size; NaNs out of a healthy run
+            # come from the data or the model (a sqrt at 0): skipping them is the remedy, and
+            # a smaller LR would only slow the run down.
+            plan.decay("nonfinite", f"{len(recent)} non-finite steps within {self.nonfinite_window} steps "
+                       "after the norm exploded")
 
-        if "nonfinite" in by_kind:
-            recent = tuple(t for t in s.nonfinite_steps if step - t < self.nonfinite_window) + (step,)
-            s = s._replace(nonfinite_steps=recent[-self.nonfinite_patience:])
-            params_bad = any(f.evidence.get("params_nonfinite") for f in by_kind["nonfinite"])
-            if params_bad and self.rollback and can_rollback:
-                rollback = True
-                actions.append(Action(
-                    "rollback", step, "nonfinite", {"params_finite": False}, {"params_finite": True},
-                    {}, "parameters were non-finite: restored the last healthy snapshot",
-                ))
-                decay("nonfinite", "parameters turned non-finite")
-            elif len(recent) >= self.nonfinite_patience and step - s.last_exploding_step <= self.nonfinite_window:
-                # NaNs that follow an explosion come from the step size; NaNs out of a healthy run
-                # come from the data or the model (a sqrt at 0): skipping them is the remedy, and
-                # a smaller LR would only slow the run down.
-                decay("nonfinite", f"{len(recent)} non-finite steps within {self.nonfinite_window} steps "
-                      "after the norm exploded")
-
-        exploding = by_kind.get("exploding", [])
+    def _on_lr_jump(self, plan: _Plan, by_kind: dict[str, list[Finding]], stats: StepStats, can_rollback: bool) -> None:
+        """Track the user's scheduled LR; hold it at its healthy median when it jumped right before
+        an explosion, and lift the hold when it comes back down."""
+        exploding = bool(by_kind.get("exploding"))
+        s = plan.state
         if exploding:
-            s = s._replace(last_exploding_step=step)
+            s = s._replace(last_exploding_step=plan.step)
         in_force = s.lr_factor * s.jump_factor
         scheduled_lr = (
             stats.lr / in_force
@@ -298,83 +288,103 @@ class AutoPolicy(Policy):
                 s = s._replace(lr_cap=math.inf, jump_factor=1.0)
             else:
                 s = s._replace(jump_factor=s.lr_cap / scheduled_lr)
-        if exploding and scheduled_lr is not None and len(s.recent_lr) >= min(3, self.lr_window):
-            reference = sorted(s.recent_lr)[len(s.recent_lr) // 2]
-            if reference > 0 and scheduled_lr > self.lr_jump_ratio * reference and self.lr_decay:
-                before_factor = s.lr_factor * s.jump_factor
-                s = s._replace(lr_cap=reference, jump_factor=reference / scheduled_lr,
-                               last_decay_step=step, recent_lr=())
-                after_factor = s.lr_factor * s.jump_factor
-                actions.append(Action(
-                    "lr_decay", step, "exploding", {"lr_factor": before_factor, "lr": stats.lr},
-                    {"lr_factor": after_factor, "lr": reference * s.lr_factor}, {"factor": after_factor / before_factor},
-                    f"the learning rate jumped {scheduled_lr / reference:.3g}x (from {reference:.3g} to "
-                    f"{scheduled_lr:.3g}) just before the explosion: held at {reference:.3g} while the "
-                    "jump lasts",
-                ))
-                if self.rollback and can_rollback and not rollback:
-                    rollback = True
-                    actions.append(Action(
-                        "rollback", step, "exploding", {}, {}, {},
-                        "restored the last healthy snapshot: undoes the update made at the jumped LR",
-                    ))
-        elif scheduled_lr is not None and not findings_block_lr(by_kind):
-            s = s._replace(recent_lr=(s.recent_lr + (scheduled_lr,))[-self.lr_window:])
-        if exploding and self.clip and stats.finite:
-            level = min(float(f.evidence.get("clip_threshold", math.inf)) for f in exploding)
-            growing = any(f.severity == "error" for f in exploding)
-            if math.isfinite(level) and level > 0:
-                if math.isfinite(s.clip_norm) and step - s.clip_since >= self.cooldown:
-                    decay("exploding", "the norm still explodes with clipping in force")
-                elif growing:
-                    decay("exploding", "the gradient norm is growing without bound")
-                if not math.isfinite(s.clip_norm):
-                    s = s._replace(clip_since=step)
-                # Never raise the level while the norm explodes: the detector's baseline drifts up
-                # during an explosion (it absorbs clipped values), the healthy level does not.
-                s = s._replace(clip_norm=min(s.clip_norm, level))
-        elif exploding and not self.clip:
-            decay("exploding", "the gradient norm explodes")
+        plan.state = s
+        if scheduled_lr is None:
+            return
+        if not exploding or len(s.recent_lr) < min(3, self.lr_window):
+            if not findings_block_lr(by_kind):
+                plan.state = s._replace(recent_lr=(s.recent_lr + (scheduled_lr,))[-self.lr_window:])
+            return
+        reference = sorted(s.recent_lr)[len(s.recent_lr) // 2]
+        if not (reference > 0 and scheduled_lr > self.lr_jump_ratio * reference and self.lr_decay):
+            return
+        before_factor = s.lr_factor * s.jump_factor
+        s = s._replace(lr_cap=reference, jump_factor=reference / scheduled_lr, last_decay_step=plan.step,
+                       recent_lr=())
+        plan.state = s
+        after_factor = s.lr_factor * s.jump_factor
+        plan.actions.append(Action(
+            "lr_decay", plan.step, "exploding", {"lr_factor": before_factor, "lr": stats.lr},
+            {"lr_factor": after_factor, "lr": reference * s.lr_factor}, {"factor": after_factor / before_factor},
+            f"the learning rate jumped {scheduled_lr / reference:.3g}x (from {reference:.3g} to "
+            f"{scheduled_lr:.3g}) just before the explosion: held at {reference:.3g} while the jump lasts",
+        ))
+        if self.rollback and can_rollback and not plan.rollback:
+            plan.roll_back("exploding", "restored the last healthy snapshot: undoes the update made at the jumped LR")
+
+    def _on_exploding(self, plan: _Plan, by_kind: dict[str, list[Finding]], stats: StepStats) -> None:
+        exploding = by_kind.get("exploding", [])
+        if not exploding:
+            return
+        if not self.clip:
+            plan.decay("exploding", "the gradient norm explodes")
+            return
+        if not stats.finite:
+            return
+        level = min(float(f.evidence.get("clip_threshold", math.inf)) for f in exploding)
+        if not (math.isfinite(level) and level > 0):
+            return
+        s = plan.state
+        if math.isfinite(s.clip_norm) and plan.step - s.clip_since >= self.cooldown:
+            plan.decay("exploding", "the norm still explodes with clipping in force")
+        elif any(f.severity == "error" for f in exploding):
+            plan.decay("exploding", "the gradient norm is growing without bound")
+        s = plan.state
+        if not math.isfinite(s.clip_norm):
+            s = s._replace(clip_since=plan.step)
+        # Never raise the level while the norm explodes: the detector's baseline drifts up during
+        # an explosion (it absorbs clipped values), the healthy level does not.
+        plan.state = s._replace(clip_norm=min(s.clip_norm, level))
+
+    def _on_heavy_clipping(self, plan: _Plan, stats: StepStats) -> None:
+        s = plan.state
+        if not (math.isfinite(s.clip_norm) and stats.finite):
+            return
         norm = stats.global_norm
-        if math.isfinite(s.clip_norm) and stats.finite:
-            heavy = norm > self.heavy_clip_ratio * s.clip_norm
-            streak = s.clip_streak + 1 if heavy else 0
-            loss = stats.loss if stats.loss is not None and math.isfinite(stats.loss) else math.nan
-            if streak == 1:
-                s = s._replace(clip_streak_norm=norm, clip_streak_loss=loss)
-            s = s._replace(clip_streak=streak)
-            if streak >= max(self.cooldown, 1):
-                progress = (
-                    loss < 0.99 * s.clip_streak_loss if math.isfinite(loss) and math.isfinite(s.clip_streak_loss)
-                    else norm < 0.5 * s.clip_streak_norm
+        streak = s.clip_streak + 1 if norm > self.heavy_clip_ratio * s.clip_norm else 0
+        loss = stats.loss if stats.loss is not None and math.isfinite(stats.loss) else math.nan
+        if streak == 1:
+            s = s._replace(clip_streak_norm=norm, clip_streak_loss=loss)
+        plan.state = s = s._replace(clip_streak=streak)
+        if streak < max(self.cooldown, 1):
+            return
+        progress = (
+            loss < 0.99 * s.clip_streak_loss if math.isfinite(loss) and math.isfinite(s.clip_streak_loss)
+            else norm < 0.5 * s.clip_streak_norm
+        )
+        if progress:
+            # The loss went down (or, without a loss, the norm halved) under clipping: the run is
+            # coming back from far away, where a stable run has large gradients too. Judge the
+            # next stretch from here.
+            plan.state = s._replace(clip_streak=1, clip_streak_norm=norm, clip_streak_loss=loss)
+            return
+        factor_before = s.lr_factor
+        plan.decay("exploding", f"clipping cut the norm by over {self.heavy_clip_ratio:g}x on {streak} steps in "
+                   "a row without bringing it down: the learning rate is too high for this model")
+        if plan.state.lr_factor < factor_before:
+            plan.state = plan.state._replace(clip_streak=0)
+
+    def _recommend(self, plan: _Plan, by_kind: dict[str, list[Finding]]) -> None:
+        if not self.recommend_batchnorm:
+            return
+        for f in by_kind.get("vanishing", []):
+            insert_after = tuple(f.evidence.get("insert_after", f.layers))
+            if insert_after and not set(insert_after) <= set(plan.state.recommended):
+                plan.actions.append(Action(
+                    "recommend_batchnorm", plan.step, "vanishing", {}, {},
+                    {"insert_after": list(insert_after), "layers": list(f.layers)},
+                    "insert BatchNorm/LayerNorm after " + ", ".join(insert_after)
+                    + " (before the activation); nothing in the model was changed",
+                ))
+                plan.state = plan.state._replace(
+                    recommended=tuple(dict.fromkeys(plan.state.recommended + insert_after))
                 )
-                if progress:
-                    # The loss went down (or, without a loss, the norm halved) under clipping: the
-                    # run is coming back from far away, where a stable run has large gradients too.
-                    # Judge the next stretch from here.
-                    s = s._replace(clip_streak=1, clip_streak_norm=norm, clip_streak_loss=loss)
-                else:
-                    factor_before = s.lr_factor
-                    decay("exploding", f"clipping cut the norm by over {self.heavy_clip_ratio:g}x on {streak} "
-                          "steps in a row without bringing it down: the learning rate is too high for "
-                          "this model")
-                    if s.lr_factor < factor_before:
-                        s = s._replace(clip_streak=0)
 
-        if self.recommend_batchnorm:
-            for f in by_kind.get("vanishing", []):
-                insert_after = tuple(f.evidence.get("insert_after", f.layers))
-                if insert_after and not set(insert_after) <= set(s.recommended):
-                    actions.append(Action(
-                        "recommend_batchnorm", step, "vanishing", {}, {},
-                        {"insert_after": list(insert_after), "layers": list(f.layers)},
-                        "insert BatchNorm/LayerNorm after " + ", ".join(insert_after)
-                        + " (before the activation); nothing in the model was changed",
-                    ))
-                    s = s._replace(recommended=tuple(dict.fromkeys(s.recommended + insert_after)))
-
+    def _finish(self, plan: _Plan, stats: StepStats, before: Controls, immediate: bool) -> tuple[Decision, PolicyState]:
+        """This step's skip and clip under the controls that apply to it, and the decision."""
+        s, step, actions, norm = plan.state, plan.step, plan.actions, stats.global_norm
         applied = s.controls if immediate else before
-        skip = rollback or (not stats.finite and applied.skip_nonfinite)
+        skip = plan.rollback or (not stats.finite and applied.skip_nonfinite)
         clip_norm = None
         if not skip and stats.finite and norm > applied.clip_norm:
             clip_norm = applied.clip_norm
@@ -382,16 +392,48 @@ class AutoPolicy(Policy):
                 "clip", step, "exploding", {"global_norm": norm}, {"global_norm": clip_norm},
                 {"max_norm": clip_norm}, f"clipped the global norm {norm:.3g} to {clip_norm:.3g}",
             ))
-        if skip and not rollback:
+        if skip and not plan.rollback:
             actions.insert(0, Action(
                 "skip_step", step, "nonfinite", {"global_norm": norm}, {"applied": False}, {},
                 "skipped the step: parameters and optimizer state unchanged",
             ))
         decision = Decision(
-            step=step, skip=skip, clip_norm=clip_norm, lr_factor=s.controls.lr_factor, rollback=rollback,
+            step=step, skip=skip, clip_norm=clip_norm, lr_factor=s.controls.lr_factor, rollback=plan.rollback,
             actions=actions, controls=s.controls,
         )
         return decision, s
+
+
+class _Plan:
+    """What :meth:`AutoPolicy.decide` builds up for one step: the new state and the actions."""
+
+    def __init__(self, policy: AutoPolicy, step: int, state: PolicyState) -> None:
+        self.policy = policy
+        self.step = step
+        self.state = state
+        self.actions: list[Action] = []
+        self.rollback = False
+
+    def decay(self, reason: str, why: str) -> None:
+        """Decay the LR once, after the cool-down and above the floor."""
+        p, s = self.policy, self.state
+        if not p.lr_decay or self.step - s.last_decay_step < p.cooldown:
+            return
+        if any(a.kind == "lr_decay" for a in self.actions):
+            return  # one decay per step, whatever the reasons
+        new = max(s.lr_factor * p.decay_factor, p.min_lr_factor)
+        if new >= s.lr_factor:
+            return
+        self.actions.append(Action(
+            "lr_decay", self.step, reason, {"lr_factor": s.lr_factor}, {"lr_factor": new},
+            {"factor": new / s.lr_factor},
+            f"learning rate x{new / s.lr_factor:g} (now x{new:g} of the schedule): {why}",
+        ))
+        self.state = s._replace(lr_factor=new, last_decay_step=self.step)
+
+    def roll_back(self, reason: str, message: str, before: dict | None = None, after: dict | None = None) -> None:
+        self.rollback = True
+        self.actions.append(Action("rollback", self.step, reason, before or {}, after or {}, {}, message))
 
 
 def findings_block_lr(by_kind: dict[str, list[Finding]]) -> bool:
