@@ -57,6 +57,7 @@ pl = require("lightning.pytorch", "lightning")
 
 from gradwatch.integrations.torch import (  # noqa: E402
     LRScale,
+    Rollbacks,
     TorchParams,
     apply_decision,
     build_layout,
@@ -93,6 +94,10 @@ class GradWatch(pl.Callback):
             Defaults to True.
         strict: Raise gradwatch's own internal errors instead of warning once and stopping.
             Defaults to False.
+        rollback_every: Keep a copy of the parameters and optimizer state every N healthy steps, so
+            that ``auto`` can roll back (parameters turned non-finite, or an explosion right after
+            the LR jumped). Costs one copy of the parameters plus the optimizer state. Defaults to
+            None (no copy, no rollback).
         monitor: A :class:`gradwatch.Monitor` to use instead of a new one. Defaults to None.
 
     Attributes:
@@ -114,12 +119,14 @@ class GradWatch(pl.Callback):
         optimizer_index: int = 0,
         param_norms: bool = True,
         strict: bool = False,
+        rollback_every: int | None = None,
         monitor: Monitor | None = None,
     ) -> None:
         if not isinstance(every, int) or every < 1:
             raise ValueError(f"every must be an int >= 1 (measure every N optimizer steps). Received every={every!r}.")
         if optimizer_index < 0:
             raise ValueError(f"optimizer_index must be >= 0. Received optimizer_index={optimizer_index}.")
+        self._rollbacks = Rollbacks(rollback_every)  # validates rollback_every
         self.monitor = monitor if monitor is not None else Monitor(policy=policy, framework="lightning")
         self.every = every
         self.log = log
@@ -240,6 +247,7 @@ class GradWatch(pl.Callback):
     def _layout(self, pl_module: pl.LightningModule) -> TorchParams:
         if self._params is None or self._params.stale([self._optimizer]):
             tp = build_layout(pl_module, [self._optimizer])
+            self._rollbacks.forget()
             if self.monitor.layout is not None and tp.layout == self.monitor.layout:
                 tp.layout = self.monitor.layout  # the same object: no comparison per step
             self._params = tp
@@ -276,12 +284,13 @@ class GradWatch(pl.Callback):
             # scale. Routine under fp16, not an explosion. (A NaN loss is judged as usual.)
             self.monitor.note_skipped(step, "grad_scaler")
             return
-        decision = self.monitor.observe(stats, immediate=True, can_rollback=False)
+        decision = self.monitor.observe(stats, immediate=True, can_rollback=self._rollbacks.can_rollback)
         if decision.skip:
-            apply_decision(decision, tp.params)
+            apply_decision(decision, tp.params, snapshot=self._rollbacks.snapshot)
         elif decision.clip_norm is not None:
             self._clip(trainer, pl_module, tp, decision.clip_norm, grad_scale, unmeasured=False)
         self._lr.apply(raw, decision.lr_factor)
+        self._rollbacks.after(step, stats, decision, tp.params, [raw])
         if self.log:
             for name, value in step_scalars(stats, None, self.max_groups).items():
                 pl_module.log(name, value, on_step=True, on_epoch=False)
@@ -323,6 +332,7 @@ class GradWatch(pl.Callback):
             for handle in self._handles:
                 handle.remove()
             self._handles = []
+            self._rollbacks.forget()
         except Exception as exc:  # never break training, not even on the way out
             self._fail(exc)
 

@@ -145,6 +145,35 @@ def test_exploding_run_is_rescued_through_lightnings_clip_knob(tmp_path):
     assert sum(r["event"] == "step" for r in records) == 120 and records[-1]["event"] == "report"
 
 
+class JumpLR(pl.Callback):
+    """From step ``at`` on, the optimizer runs at ``lr`` (a broken schedule)."""
+
+    def __init__(self, at: int, lr: float) -> None:
+        self.at, self.lr = at, lr
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step >= self.at:
+            for group in trainer.optimizers[0].param_groups:
+                group["lr"] = self.lr
+
+
+def test_a_jumped_lr_is_rescued_with_rollback():
+    """LR 0.05 -> 1e3 at step 30: auto holds the LR at its healthy value and, with snapshots,
+    undoes the update made at 1e3; the run ends below its first loss."""
+    module = Module(mlp(), lr=0.05)
+    gw = GradWatch(rollback_every=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fit(module, regression(), 60, [JumpLR(30, 1e3), gw])
+    report = gw.report()
+    assert [a.step for a in report.actions if a.kind == "rollback"] == [31]
+    assert any("jumped" in a.message for a in report.actions if a.kind == "lr_decay")
+    assert gw.monitor.controls.lr_factor * 1e3 == pytest.approx(0.05)
+    assert all(math.isfinite(v) for v in module.losses)
+    assert module.losses[-1] < module.losses[0]
+    assert all(torch.isfinite(p).all() for p in module.parameters())
+
+
 def test_bf16_autocast_on_cpu_measures_every_step():
     gw = GradWatch()
     module = Module(mlp(), lr=1e-3, opt="adam")
