@@ -134,7 +134,7 @@ def breakdown(model_name: str, steps: int = 200, warmup: int = 10) -> dict[str, 
     of the whole pre-hook, of ``measure`` (reductions, transfer, StepStats), of
     ``Monitor.observe`` (detectors and policy), and of one bare ``_foreach_norm`` of all gradients
     with its transfer (the floor: one read of the gradients)."""
-    import gradwatch.integrations._torch_watch as adapter
+    import gradwatch.integrations.torch.watch as adapter
 
     spec = MODELS[model_name]
     torch.manual_seed(0)

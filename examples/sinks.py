@@ -44,7 +44,7 @@ def train(out: Path) -> None:
     # Sinks built on gradwatch.sinks.Sink attach to one run's monitor and ignore any other.
     sinks = [JsonlSink(out / "run.jsonl", every=10), LoggingSink()]
     try:
-        from gradwatch.integrations.tensorboard import TensorBoardSink
+        from gradwatch.sinks import TensorBoardSink
 
         sinks.append(TensorBoardSink(out / "tensorboard"))
     except ImportError:

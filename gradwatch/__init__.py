@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from gradwatch import moved
 from gradwatch.check import CheckSpec
 from gradwatch.detectors import Detector
 from gradwatch.errors import BadTargetError, GradwatchError, GradwatchWarning, MissingExtraError
@@ -25,6 +26,8 @@ from gradwatch.monitor import Monitor
 from gradwatch.policy import AutoPolicy, Controls, Decision, ObservePolicy, Policy
 from gradwatch.report import Report
 from gradwatch.stats import Layout, StepStats
+
+moved.install()  # the old module paths (gradwatch.report_html, ...) keep importing, with a warning
 
 __version__ = "0.1.0.dev0"
 

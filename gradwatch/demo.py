@@ -1,6 +1,6 @@
 """The demonstration behind ``make demo`` / ``gradwatch demo``.
 
-With PyTorch installed it trains small real models (see ``gradwatch.integrations.torch_demo``);
+With PyTorch installed it trains small real models (see ``gradwatch.integrations.torch.demo``);
 with ``synthetic=True``, or without PyTorch, it replays synthetic gradient streams through a
 :class:`~gradwatch.Monitor` so the diagnosis and the remedies can be seen with numpy alone.
 """
@@ -37,7 +37,7 @@ def run_demo(synthetic: bool = False) -> int:
     """Run the demo; returns the exit code (0)."""
     if not synthetic and importlib.util.find_spec("torch") is not None:
         try:
-            from gradwatch.integrations.torch_demo import main as torch_main
+            from gradwatch.integrations.torch.demo import main as torch_main
         except ImportError:
             pass
         else:

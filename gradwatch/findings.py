@@ -6,9 +6,10 @@ the JSON report schema.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any
+
+from gradwatch.jsonvalues import to_json
 
 SEVERITIES = ("info", "warning", "error")
 FINDING_KINDS = ("nonfinite", "exploding", "vanishing", "dead_units", "loss_spike")
@@ -27,17 +28,6 @@ def severity_rank(severity: str) -> int:
     except ValueError:
         raise ValueError(f"severity must be one of {SEVERITIES}; received {severity!r}.") from None
 
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None if math.isnan(value) else ("inf" if value > 0 else "-inf")
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if hasattr(value, "item") and callable(value.item):  # numpy scalars
-        return _jsonable(value.item())
-    return value
 
 
 @dataclass
@@ -83,7 +73,7 @@ class Finding:
             "count": self.count,
             "layers": list(self.layers),
             "message": self.message,
-            "evidence": _jsonable(self.evidence),
+            "evidence": to_json(self.evidence),
         }
 
     @classmethod
@@ -132,9 +122,9 @@ class Action:
             "kind": self.kind,
             "step": self.step,
             "reason": self.reason,
-            "before": _jsonable(self.before),
-            "after": _jsonable(self.after),
-            "params": _jsonable(self.params),
+            "before": to_json(self.before),
+            "after": to_json(self.after),
+            "params": to_json(self.params),
             "message": self.message,
         }
 

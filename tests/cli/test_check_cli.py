@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from gradwatch.check_loops import Progress
+from gradwatch.check import Progress
 from gradwatch.cli import main
 
 FACTORIES = Path(__file__).with_name("factories.py")

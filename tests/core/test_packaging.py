@@ -53,5 +53,5 @@ def test_wheel_in_a_fresh_venv_imports_the_torch_integration(tmp_path):
     assert out.returncode == 0, out.stderr
     core, integration, watch_ok = out.stdout.split()
     assert core.startswith(site) and integration.startswith(site), out.stdout
-    assert integration.endswith(os.path.join("gradwatch", "integrations", "torch.py"))
+    assert integration.endswith(os.path.join("gradwatch", "integrations", "torch", "__init__.py"))
     assert watch_ok == "True"

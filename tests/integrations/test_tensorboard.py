@@ -13,7 +13,7 @@ pytest.importorskip("tensorboard")
 # to its TF-free stub (otherwise EventAccumulator imports TensorFlow, ~4 s, when it is installed).
 sys.modules.setdefault("tensorboard.compat.notf", types.ModuleType("tensorboard.compat.notf"))
 
-from gradwatch.integrations.tensorboard import TensorBoardSink  # noqa: E402
+from gradwatch.sinks import TensorBoardSink  # noqa: E402
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
 
 import gradwatch  # noqa: E402

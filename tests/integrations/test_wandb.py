@@ -8,7 +8,7 @@ import pytest
 
 wandb = pytest.importorskip("wandb")
 
-from gradwatch.integrations.wandb import WandbSink  # noqa: E402
+from gradwatch.sinks import WandbSink  # noqa: E402
 
 import gradwatch  # noqa: E402
 from gradwatch.plugins import Hooks, make_plugin_manager  # noqa: E402

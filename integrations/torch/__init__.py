@@ -59,16 +59,16 @@ import torch  # noqa: E402
 from gradwatch.monitor import Monitor  # noqa: E402
 from gradwatch.policy import Policy  # noqa: E402
 
-from ._torch_distributed import DistributedMeasure, RankZeroHooks  # noqa: E402
-from ._torch_layout import (  # noqa: E402
+from .distributed import DistributedMeasure, RankZeroHooks  # noqa: E402
+from .layout import (  # noqa: E402
     LayerNames,
     TorchParams,
     build_layout,
     optimizer_params,
     param_role,
 )
-from ._torch_measure import measure, measure_tensors  # noqa: E402
-from ._torch_remedies import (  # noqa: E402
+from .measure import measure, measure_tensors  # noqa: E402
+from .remedies import (  # noqa: E402
     LRScale,
     Rollbacks,
     Snapshot,
@@ -76,7 +76,7 @@ from ._torch_remedies import (  # noqa: E402
     clip_grads,
     drop_grads,
 )
-from ._torch_watch import Watch  # noqa: E402
+from .watch import Watch  # noqa: E402
 
 
 def watch(

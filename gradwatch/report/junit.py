@@ -24,11 +24,11 @@ from typing import TYPE_CHECKING
 from gradwatch.advice import advice_for
 from gradwatch.findings import FINDING_KINDS, Finding, severity_rank
 
-if TYPE_CHECKING:
-    from gradwatch.report import Report
+from gradwatch.report.base import check_fail_on
 
-FAIL_ON_CHOICES = ("info", "warning", "error", "never")
-"""What ``fail_on`` accepts: a severity, or ``"never"`` to report without failing."""
+if TYPE_CHECKING:
+    from gradwatch.report.base import Report
+
 
 _XML_ILLEGAL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
 
@@ -36,23 +36,6 @@ _XML_ILLEGAL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]
 def _clean(text: object) -> str:
     """Text that XML 1.0 can hold: control characters (legal in layer names, not in XML) become '?'."""
     return _XML_ILLEGAL.sub("?", str(text))
-
-
-def check_fail_on(fail_on: str) -> str:
-    """Validate a ``fail_on`` value.
-
-    Args:
-        fail_on: ``"info"``, ``"warning"``, ``"error"`` or ``"never"``.
-
-    Returns:
-        The value.
-
-    Raises:
-        ValueError: for anything else.
-    """
-    if fail_on not in FAIL_ON_CHOICES:
-        raise ValueError(f"fail_on must be one of {FAIL_ON_CHOICES}; received {fail_on!r}.")
-    return fail_on
 
 
 def kind_fails(report: Report, kind: str, fail_on: str) -> bool:

@@ -19,7 +19,7 @@ global_step)`` and ``add_text(tag, text, global_step)`` works.
 Example::
 
     import gradwatch
-    from gradwatch.integrations.tensorboard import TensorBoardSink
+    from gradwatch.sinks import TensorBoardSink
 
     watch = gradwatch.watch(model, optimizer)
     TensorBoardSink("runs/exp1").attach(watch.monitor)
@@ -36,7 +36,8 @@ from typing import IO, TYPE_CHECKING, Any
 import numpy as np
 
 from gradwatch.errors import require
-from gradwatch.sinks import Sink, step_scalars
+from gradwatch.sinks.base import Sink
+from gradwatch.sinks.scalars import step_scalars
 
 if TYPE_CHECKING:
     from gradwatch.findings import Action, Finding

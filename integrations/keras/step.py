@@ -30,9 +30,9 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
-from gradwatch.integrations import _keras_distributed
-from gradwatch.integrations._keras_host import ProbeReader, controls_vector
-from gradwatch.integrations._keras_layout import keras_layout
+from . import distributed as strategy
+from .host import ProbeReader, controls_vector
+from .layout import keras_layout
 
 from gradwatch.policy import Controls
 from gradwatch.stats import Layout
@@ -210,12 +210,12 @@ class StepProbe(ProbeReader):
                         target.build(list(trainable_variables))
                     target.built = True
                 self._prepare()
-            replicas = _keras_distributed.replicas_in_sync(self.backend)
+            replicas = strategy.replicas_in_sync(self.backend)
             if replicas > 1:
                 # MirroredStrategy: measure and steer the replicas' summed gradients, identically
                 # on each replica; each hands Keras its share, which Keras sums back.
-                plan = self._measure(_keras_distributed.sum_over_replicas(grads), trainable_variables)
-                plan["grads"] = _keras_distributed.share(plan["grads"], replicas)
+                plan = self._measure(strategy.sum_over_replicas(grads), trainable_variables)
+                plan["grads"] = strategy.share(plan["grads"], replicas)
             else:
                 plan = self._measure(list(grads), trainable_variables)
         except Exception as exc:  # gradwatch's own failure: train on, unmeasured
@@ -312,7 +312,7 @@ class StepProbe(ProbeReader):
         ])
         row = ops.concatenate([head, grad_vec, param_vec, ops.stack(zero_fraction), has_grad])
         slot = ops.mod(count, self.ring)
-        if _keras_distributed.first_replica():  # one row per step under MirroredStrategy
+        if strategy.first_replica():  # one row per step under MirroredStrategy
             with self.lock:
                 updated = ops.slice_update(self.ring_var.value, [slot, 0], ops.expand_dims(row, 0))
                 self.ring_var.assign(updated)
@@ -320,7 +320,7 @@ class StepProbe(ProbeReader):
         return {"grads": grads, "skip": skip, "scale": scale, "rate": rate, "do_clip": do_clip}
 
     def _measure_torch(self, grads: list[Any], by_index: dict[int, Any]) -> dict[str, Any]:
-        from gradwatch.integrations._keras_torch import measure_torch
+        from .torch_backend import measure_torch
 
         return measure_torch(self, grads, by_index)
 
@@ -384,7 +384,7 @@ class StepProbe(ProbeReader):
         if self.backend == "torch":
             run()
             return None
-        if _keras_distributed.replicas_in_sync(self.backend) > 1:
+        if strategy.replicas_in_sync(self.backend) > 1:
             # MirroredStrategy: a cond around Keras's merge_call must be taken across replicas.
             def run_replica(grads: Any, variables: Any, rate: Any) -> None:
                 object.__setattr__(target, "_learning_rate", _ScaledLearningRate(rate))
@@ -393,7 +393,7 @@ class StepProbe(ProbeReader):
                 finally:
                     object.__setattr__(target, "_learning_rate", user_rate)
 
-            _keras_distributed.apply_unless(plan["skip"], run_replica, scaled, trainable_variables, plan["rate"])
+            strategy.apply_unless(plan["skip"], run_replica, scaled, trainable_variables, plan["rate"])
             return None
         ops.cond(plan["skip"], lambda: None, run)
         return None

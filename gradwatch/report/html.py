@@ -1,7 +1,7 @@
 """A :class:`~gradwatch.Report` as one self-contained HTML page.
 
 The page holds the verdict, the findings with what to do about each, the figures of
-:mod:`gradwatch.report_figures` embedded as PNG (``data:`` URIs, so the file can be attached to a
+:mod:`gradwatch.report.figures` embedded as PNG (``data:`` URIs, so the file can be attached to a
 CI run and opened anywhere, offline), the per-layer table and the actions. Every name that comes
 from the model (layer names, messages) is escaped.
 """
@@ -17,10 +17,10 @@ from typing import TYPE_CHECKING, Any
 
 from gradwatch.advice import advice_for
 from gradwatch.findings import severity_rank
-from gradwatch.report_figures import _matplotlib, global_norm_figure, heatmap_figure, png_bytes
+from gradwatch.report.figures import global_norm_figure, heatmap_figure, png_bytes, require_matplotlib
 
 if TYPE_CHECKING:
-    from gradwatch.report import Report
+    from gradwatch.report.base import Report
 
 _CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
@@ -198,10 +198,9 @@ def to_html(report: Report, *, title: str = "", fail_on: str = "warning") -> str
         MissingExtraError: without matplotlib (``pip install 'gradwatch[report]'``).
     """
     from gradwatch import __version__
-    from gradwatch.report_junit import check_fail_on
 
-    _matplotlib()
-    failed = report.fails(fail_on) if check_fail_on(fail_on) != "never" else False
+    require_matplotlib()
+    failed = report.fails(fail_on)
     verdict = "UNHEALTHY" if failed else "HEALTHY"
     span = f"steps {report.first_step}–{report.last_step}" if report.steps_measured else "no steps"
     meta = " · ".join(escape(x) for x in (

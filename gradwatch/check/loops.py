@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import IO, Any
 
-from gradwatch.check import CheckSpec
+from gradwatch.check.spec import CheckSpec
 from gradwatch.errors import BadTargetError, GradwatchError
 from gradwatch.monitor import Monitor
 from gradwatch.report import Report

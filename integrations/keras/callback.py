@@ -1,22 +1,5 @@
-"""Keras 3 adapter: ``model.fit(x, y, callbacks=[GradWatch()])`` on TensorFlow, PyTorch and JAX.
-
-The callback is a thin shell around a :class:`gradwatch.Monitor`. The measuring and the remedies
-happen inside the compiled training step, in the optimizer's ``apply`` (see
-:mod:`gradwatch.integrations._keras_step`); the callback reads one small block of statistics per
-measured batch, hands each optimizer step to the monitor and writes the monitor's standing orders
-(:class:`gradwatch.Controls`) back into the step's variables.
-
-Example:
-    >>> import keras, numpy as np
-    >>> from gradwatch import GradWatch
-    >>> model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4, activation="relu"),
-    ...                           keras.layers.Dense(1)])
-    >>> model.compile(optimizer="adam", loss="mse")
-    >>> cb = GradWatch()
-    >>> history = model.fit(np.ones((32, 8)), np.ones((32, 1)), epochs=1, verbose=0, callbacks=[cb])
-    >>> cb.report().healthy, "grad_norm" in history.history
-    (True, True)
-"""
+"""The ``GradWatch`` Keras callback: hands each measured step to the monitor, writes its controls
+back into the step's variables. See :mod:`gradwatch.integrations.keras`."""
 
 from __future__ import annotations
 
@@ -37,7 +20,7 @@ from gradwatch.stats import StepStats
 
 keras = require("keras", "keras")
 
-from gradwatch.integrations._keras_step import (  # noqa: E402
+from .step import (  # noqa: E402
     BLOCKS,
     COL_LR,
     COL_STEP,

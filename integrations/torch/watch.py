@@ -19,10 +19,10 @@ from gradwatch.monitor import Monitor
 from gradwatch.policy import Decision, Policy
 from gradwatch.report import Report
 
-from . import _torch_distributed
-from ._torch_layout import LayerNames, TorchParams, build_layout
-from ._torch_measure import measure
-from ._torch_remedies import LRScale, Rollbacks, apply_decision, clip_grads
+from . import distributed as torch_distributed
+from .layout import LayerNames, TorchParams, build_layout
+from .measure import measure
+from .remedies import LRScale, Rollbacks, apply_decision, clip_grads
 
 
 class Watch:
@@ -78,7 +78,7 @@ class Watch:
         self.optimizers = optimizers
         self.monitor = monitor if monitor is not None else Monitor(policy=policy, framework="torch")
         # DDP / FSDP: one collective per measured step, the same decision on every rank.
-        self._dist = _torch_distributed.attach(self.monitor, model) if _torch_distributed.active(distributed) else None
+        self._dist = torch_distributed.attach(self.monitor, model) if torch_distributed.active(distributed) else None
         self.every = every
         self.strict = strict
         self.names = names
@@ -250,7 +250,7 @@ class Watch:
             raise exc
         if self._dist is not None and self._active:
             # Every rank stops together: now if this rank owes the step's collective, else at the
-            # next one (rank 0 warns). See gradwatch.integrations._torch_distributed.
+            # next one (rank 0 warns). See gradwatch.integrations.torch_distributed.
             self._failed = self._failed or exc
             if not self._dist.fail(exc, len(self.params)):
                 return

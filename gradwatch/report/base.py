@@ -4,7 +4,8 @@ A :class:`Report` is plain data. It renders as text (:meth:`Report.summary`), a 
 (:meth:`Report.to_dict`, with ``schema_version``) and JSON (:meth:`Report.to_json`), and is
 rebuilt from either (:meth:`Report.from_dict`, :meth:`Report.from_json`). JUnit XML
 (:meth:`Report.to_junit`), HTML (:meth:`Report.to_html`) and figures (:meth:`Report.plot`) are
-rendered by ``gradwatch.report_junit``, ``report_html`` and ``report_figures``; matplotlib is
+rendered by :mod:`gradwatch.report.junit`, :mod:`~gradwatch.report.html` and
+:mod:`~gradwatch.report.figures`; matplotlib is
 imported only when a figure is drawn.
 """
 
@@ -16,18 +17,32 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from gradwatch.findings import Action, Finding, _jsonable, severity_rank
+from gradwatch.findings import Action, Finding, severity_rank
+from gradwatch.jsonvalues import number_from_json, to_json
 
 SCHEMA_VERSION = 1
 
 
-def _num(value: Any) -> float:
-    """Numbers back from JSON: None is NaN, "inf" is inf."""
-    if value is None:
-        return math.nan
-    if isinstance(value, str):
-        return float(value)
-    return float(value)
+FAIL_ON = ("info", "warning", "error", "never")
+"""What ``fail_on`` accepts everywhere (``gradwatch check --fail-on``, the pytest marker, JUnit and
+HTML verdicts, :meth:`Report.fails`): a severity, or ``"never"`` to report without failing."""
+
+
+def check_fail_on(fail_on: str) -> str:
+    """Validate a ``fail_on`` value.
+
+    Args:
+        fail_on: ``"info"``, ``"warning"``, ``"error"`` or ``"never"``.
+
+    Returns:
+        The value.
+
+    Raises:
+        ValueError: for anything else.
+    """
+    if fail_on not in FAIL_ON:
+        raise ValueError(f"fail_on must be one of {FAIL_ON}; received {fail_on!r}.")
+    return fail_on
 
 
 def _fmt(value: float, spec: str = ".3g") -> str:
@@ -88,7 +103,16 @@ class Report:
         return sorted(kinds)
 
     def fails(self, fail_on: str = "warning") -> bool:
-        """True when a finding at or above ``fail_on`` was made (what ``gradwatch check`` exits 1 on)."""
+        """True when a finding at or above ``fail_on`` was made (what ``gradwatch check`` exits 1 on).
+
+        Args:
+            fail_on: One of :data:`FAIL_ON`; ``"never"`` never fails. Defaults to ``"warning"``.
+
+        Raises:
+            ValueError: for a value not in :data:`FAIL_ON`.
+        """
+        if check_fail_on(fail_on) == "never":
+            return False
         return bool(self.kinds(fail_on))
 
     # -- serialisation ---------------------------------------------------------------------------
@@ -109,8 +133,8 @@ class Report:
             "action_counts": self.action_counts,
             "skipped_steps": self.skipped_steps,
             "skipped": self.skipped,
-            "layers": _jsonable(self.layers),
-            "history": _jsonable(self.history),
+            "layers": to_json(self.layers),
+            "history": to_json(self.history),
         }
 
     def to_json(self, indent: int | None = 2) -> str:
@@ -129,16 +153,16 @@ class Report:
                 f"Not a gradwatch report of schema_version {SCHEMA_VERSION}: received schema_version={version!r}."
             )
         layers = [
-            {k: (_num(v) if k in ("grad_norm", "grad_norm_max", "param_norm", "ratio", "dead_fraction") else v)
+            {k: (number_from_json(v) if k in ("grad_norm", "grad_norm_max", "param_norm", "ratio", "dead_fraction") else v)
              for k, v in layer.items()}
             for layer in d.get("layers", [])
         ]
         history = dict(d.get("history", {}))
         for key in ("global_norm", "loss", "lr_factor"):
             if key in history:
-                history[key] = [_num(x) for x in history[key]]
+                history[key] = [number_from_json(x) for x in history[key]]
         if "layer_grad_norm" in history:
-            history["layer_grad_norm"] = [[_num(x) for x in row] for row in history["layer_grad_norm"]]
+            history["layer_grad_norm"] = [[number_from_json(x) for x in row] for row in history["layer_grad_norm"]]
         return cls(
             healthy=bool(d["healthy"]),
             policy=d.get("policy", ""),
@@ -215,18 +239,18 @@ class Report:
     def __str__(self) -> str:
         return self.summary()
 
-    # -- renderings (gradwatch.report_junit, gradwatch.report_html, gradwatch.report_figures) ------
+    # -- renderings (gradwatch.report.junit, gradwatch.report.html, gradwatch.report.figures) ------
 
     def to_junit(self, *, name: str = "gradwatch", fail_on: str = "warning", time: float = 0.0) -> str:
-        """JUnit XML with one test case per finding kind; see :func:`gradwatch.report_junit.to_junit`."""
-        from gradwatch.report_junit import to_junit
+        """JUnit XML with one test case per finding kind; see :func:`gradwatch.report.junit.to_junit`."""
+        from gradwatch.report.junit import to_junit
 
         return to_junit(self, name=name, fail_on=fail_on, time=time)
 
     def to_html(self, *, title: str = "", fail_on: str = "warning") -> str:
         """One self-contained HTML page with the figures embedded; needs ``gradwatch[report]``.
-        See :func:`gradwatch.report_html.to_html`."""
-        from gradwatch.report_html import to_html
+        See :func:`gradwatch.report.html.to_html`."""
+        from gradwatch.report.html import to_html
 
         return to_html(self, title=title, fail_on=fail_on)
 
@@ -234,7 +258,7 @@ class Report:
              dpi: int = 110, width: float = 11.0) -> Any:
         """Draw ``"global_norm"`` (with actions marked) or ``"heatmap"`` (per layer over the steps)
         and save it when ``path`` is given; returns the matplotlib figure. Needs
-        ``gradwatch[report]``. See :func:`gradwatch.report_figures.plot`."""
-        from gradwatch.report_figures import plot
+        ``gradwatch[report]``. See :func:`gradwatch.report.figures.plot`."""
+        from gradwatch.report.figures import plot
 
         return plot(self, kind, path=path, dpi=dpi, width=width)

@@ -1,7 +1,7 @@
 """The host side of the Keras probe: read the ring of statistics, write the controls.
 
-Split from :mod:`gradwatch.integrations._keras_step` (the in-graph side) to keep each module to
-one theme; :class:`~gradwatch.integrations._keras_step.StepProbe` mixes it in.
+Split from :mod:`gradwatch.integrations.keras.step` (the in-graph side) to keep each module to
+one theme; :class:`~gradwatch.integrations.keras.step.StepProbe` mixes it in.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ def measure_torch(probe: Any, grads: list[Any], by_index: dict[int, Any]) -> dic
     """Measure one step and write its row, on the PyTorch backend.
 
     Args:
-        probe: The :class:`~gradwatch.integrations._keras_step.StepProbe`.
+        probe: The :class:`~gradwatch.integrations.keras.step.StepProbe`.
         grads: The gradients as Keras passed them (None for a variable without one).
         by_index: The gradients that exist, by their variable's index in the optimizer.
 

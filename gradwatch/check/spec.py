@@ -1,26 +1,7 @@
-"""Gradient health checks of a training setup: what ``gradwatch check`` and the pytest plugin run.
+"""What a gradient check trains: :class:`CheckSpec`, and how a factory's return value becomes one.
 
-A check trains a setup for a few steps under ``policy="observe"`` (so the check never changes
-what it measures) and returns the :class:`~gradwatch.Report`. A setup is what a *factory*
-returns:
-
-* PyTorch: ``(model, optimizer, batches, loss_fn)``, where ``batches`` is any iterable of
-  ``(inputs, targets)`` (a ``DataLoader``, a list, an endless generator: ``steps`` are taken);
-* Keras 3: ``(model, x, y)`` or ``(model, dataset)`` with a compiled model and a ``tf.data``
-  dataset, a ``keras.utils.PyDataset`` or a generator of ``(x, y)``;
-* a :class:`CheckSpec`, which says the same with names (and can replay a stream of
-  :class:`~gradwatch.StepStats` from a framework gradwatch has no adapter for).
-
-The framework is told from the returned objects' types (their classes' modules), so this module
-imports no framework: the factory already did. The loops themselves live in
-:mod:`gradwatch.check_loops`; importing targets and seeding in :mod:`gradwatch.check_targets`.
-
-A *target* names a factory: ``"package.module:function"`` or ``"path/to/file.py:function"``.
-
->>> from gradwatch.testing import exploding_stream
->>> report = run_check(CheckSpec(stats=exploding_stream(onset=20, steps=40)))
->>> "exploding" in report.kinds("warning")
-True
+A setup is what a *factory* returns (see :mod:`gradwatch.check`); the framework is told from the
+returned objects' types (their classes' modules), so this module imports no framework.
 """
 
 from __future__ import annotations
@@ -30,22 +11,11 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from gradwatch.check_targets import describe, load_target, seed_everything, seeded
+from gradwatch.check.targets import describe
 from gradwatch.errors import BadTargetError
-from gradwatch.report import Report
 from gradwatch.stats import StepStats
 
-__all__ = [
-    "DEFAULT_STEPS",
-    "CheckSpec",
-    "as_spec",
-    "check_target",
-    "detect_framework",
-    "load_target",
-    "run_check",
-    "seed_everything",
-    "validate_spec",
-]
+__all__ = ["DEFAULT_STEPS", "EXPECTED_SETUP", "CheckSpec", "as_spec", "detect_framework", "validate_spec"]
 
 DEFAULT_STEPS = 50
 """Steps a check runs when neither the caller nor the :class:`CheckSpec` says."""
@@ -223,72 +193,3 @@ def validate_spec(spec: CheckSpec, *, origin: str = "the factory") -> None:
         f"{origin} returned a CheckSpec whose model is {describe(spec.model)}, which is neither a "
         f"torch.nn.Module nor a keras.Model, and no stats.\n{EXPECTED_SETUP}"
     )
-
-
-def run_check(
-    setup: Any,
-    *,
-    steps: int | None = None,
-    seed: int | None = None,
-    device: str | None = None,
-    progress: Callable[[int, int], None] | None = None,
-    name: str = "",
-) -> Report:
-    """Train a setup for a few steps under ``policy="observe"`` and return its report.
-
-    Args:
-        setup: A :class:`CheckSpec`, what a factory returns (see the module docstring), or the
-            factory itself (called after seeding).
-        steps: Optimizer steps to run. Defaults to None: the spec's ``steps``, else
-            :data:`DEFAULT_STEPS`.
-        seed: Seed for Python, numpy and the frameworks, set before the factory is called (a
-            framework the factory imports is seeded as it is imported) and again before training.
-            Defaults to None (the random state is left alone).
-        device: Where to train (``"cuda"``, ``"cpu"``, ``"cuda:1"``; for Keras a ``keras.device``
-            name). Defaults to None (where the factory put it).
-        progress: Called as ``progress(done, total)`` after each step. Defaults to None.
-        name: Origin for error messages (the target). Defaults to "".
-
-    Returns:
-        The report.
-
-    Raises:
-        BadTargetError: when the factory raises, returns something unusable, or its setup fails
-            in the first steps (the message says which and why).
-        ValueError: for ``steps < 1``.
-    """
-    from gradwatch.check_loops import run_spec
-
-    origin = name or "the factory"
-    with seeded(seed):
-        if callable(setup) and not isinstance(setup, CheckSpec) and detect_framework(setup) is None:
-            try:
-                setup = setup()
-            except Exception as exc:
-                raise BadTargetError(f"{origin} raised {type(exc).__name__}: {exc}") from exc
-    spec = as_spec(setup, origin=origin)
-    total = steps if steps is not None else (spec.steps or DEFAULT_STEPS)
-    if total < 1:
-        raise ValueError(f"steps must be >= 1; received steps={total}.")
-    if seed is not None:
-        seed_everything(seed)  # again: frameworks the factory imported, and training-time randomness
-    return run_spec(spec, steps=total, device=device, progress=progress, origin=origin)
-
-
-def check_target(target: str, **kwargs: Any) -> Report:
-    """Load a target and check the setup its factory returns (``gradwatch check``, in Python).
-
-    Args:
-        target: ``"package.module:function"`` or ``"path/to/file.py:function"``.
-        **kwargs: Passed on to :func:`run_check` (``steps``, ``seed``, ``device``, ``progress``).
-
-    Returns:
-        The report.
-
-    Raises:
-        BadTargetError: see :func:`load_target` and :func:`run_check`.
-    """
-    with seeded(kwargs.get("seed")):  # module-level code of the target runs seeded too
-        factory = load_target(target)
-    kwargs.setdefault("name", target)
-    return run_check(factory, **kwargs)

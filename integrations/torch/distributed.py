@@ -48,8 +48,8 @@ from gradwatch.errors import GradwatchWarning
 from gradwatch.plugins import Hooks
 from gradwatch.stats import StepStats
 
-from ._torch_layout import TorchParams
-from ._torch_measure import LOW_PRECISION, _norms
+from .layout import TorchParams
+from .measure import LOW_PRECISION, _norms
 
 try:  # DTensor (FSDP2, tensor parallel); absent from very old torch builds
     from torch.distributed.tensor import DTensor, Partial, Replicate, Shard

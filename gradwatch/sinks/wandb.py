@@ -3,7 +3,7 @@
 ::
 
     import wandb, gradwatch
-    from gradwatch.integrations.wandb import WandbSink
+    from gradwatch.sinks import WandbSink
 
     run = wandb.init(project="my-project")
     watch = gradwatch.watch(model, optimizer)
@@ -32,7 +32,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from gradwatch.errors import require
-from gradwatch.sinks import Sink, step_scalars
+from gradwatch.sinks.base import Sink
+from gradwatch.sinks.scalars import step_scalars
 
 wandb = require("wandb", "wandb")
 

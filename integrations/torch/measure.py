@@ -35,7 +35,7 @@ import torch
 
 from gradwatch.stats import StepStats
 
-from ._torch_layout import TorchParams
+from .layout import TorchParams
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 

@@ -3,7 +3,7 @@ aggregation, identically on every replica.
 
 Keras hands each replica's gradients to the optimizer's ``apply`` and sums them across replicas
 inside it (``TFOptimizer._all_reduce_sum_gradients``); each replica's gradients carry a
-``1 / replicas`` share of the loss. gradwatch's step (:mod:`gradwatch.integrations._keras_step`)
+``1 / replicas`` share of the loss. gradwatch's step (:mod:`gradwatch.integrations.keras.step`)
 therefore, in a replica context with more than one replica:
 
 1. sums the replicas' gradients itself with the replica context's ``all_reduce`` — the same

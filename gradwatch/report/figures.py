@@ -25,7 +25,7 @@ from gradwatch.errors import require
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-    from gradwatch.report import Report
+    from gradwatch.report.base import Report
 
 FIGURE_KINDS = ("global_norm", "heatmap")
 """The figures :func:`plot` draws."""
@@ -46,7 +46,7 @@ _RC = {"text.parse_math": False, "font.size": 10, "axes.titlesize": 12, "axes.ti
        "axes.spines.top": False, "axes.spines.right": False}
 
 
-def _matplotlib() -> Any:
+def require_matplotlib() -> Any:
     """Import matplotlib or raise MissingExtraError naming ``pip install 'gradwatch[report]'``."""
     return require("matplotlib", "report")
 
@@ -105,7 +105,7 @@ def heatmap_figure(report: Report, *, width: float = 11.0, title: bool = True) -
     Raises:
         MissingExtraError: without matplotlib.
     """
-    mpl = _matplotlib()
+    mpl = require_matplotlib()
     from matplotlib.colors import ListedColormap
     from matplotlib.figure import Figure
     from matplotlib.patches import Patch
@@ -182,7 +182,7 @@ def global_norm_figure(report: Report, *, width: float = 11.0, title: bool = Tru
     Raises:
         MissingExtraError: without matplotlib.
     """
-    mpl = _matplotlib()
+    mpl = require_matplotlib()
     from matplotlib.figure import Figure
 
     steps, norm, loss = _history(report)
