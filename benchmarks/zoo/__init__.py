@@ -9,5 +9,6 @@ total and list everything. Seeds 0-99 are for tuning gradwatch, 1000-1599 for th
 
 Framework-free: :mod:`.spec`, :mod:`.sampler`, :mod:`.pathologies` (the table of pathologies and
 their expected finding kinds), :mod:`.data`, :mod:`.labels`, :mod:`.evaluate`, :mod:`.scoring`,
-:mod:`.report`. PyTorch: :mod:`.torch_runner` only. ``python -m benchmarks.zoo --help``.
+:mod:`.report`, :mod:`.workers` (processes). PyTorch: :mod:`.torch_runner` only.
+``python -m benchmarks.zoo --help``.
 """

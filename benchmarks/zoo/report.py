@@ -67,6 +67,14 @@ def summary_markdown(s: dict[str, Any], title: str = "") -> str:
         lines += ["", "### Rescue per pathology (runs the unwatched run does not survive)", "",
                   "| pathology | runs | rescued |", "| --- | ---: | ---: |"]
         lines += [f"| {p} | {d['runs']} | {d['rescued']} |" for p, d in res["by_pathology"].items()]
+    if s.get("missed_as"):
+        lines += ["", "### Misses grouped (what was found instead, first warning/error after the onset)", "",
+                  "| pathology | found instead (runs) |", "| --- | --- |"]
+        lines += [f"| {p} | {_cell(d)} |" for p, d in s["missed_as"].items()]
+    if s.get("failed_rescue_actions"):
+        lines += ["", "### Failed rescues grouped (the training actions auto took)", "",
+                  "| pathology | actions (runs) |", "| --- | --- |"]
+        lines += [f"| {p} | {_cell(d)} |" for p, d in s["failed_rescue_actions"].items()]
     if fa["by_tag"] or fa["by_family"]:
         lines += ["", "### False alarms grouped (which rule fails on which kind of run)", "",
                   "| kind: context at the alarm's step | alarms |", "| --- | ---: |"]

@@ -1,9 +1,11 @@
 """Draw a whole training run from a seed: ``spec = sample(seed)``.
 
 Framework-free and deterministic (one :class:`random.Random` per seed, no global state): the same
-seed gives the same :class:`~benchmarks.zoo.spec.RunSpec` on any machine and for any runner. A
-share :data:`P_PATHOLOGICAL` of the seeds gets a pathology (uniform over the table in
-:mod:`benchmarks.zoo.pathologies`), the rest are healthy. Everything else is what a user trains:
+seed gives the same :class:`~benchmarks.zoo.spec.RunSpec` on any machine and for any runner.
+Which seeds are pathological is stratified: every :data:`BLOCK` consecutive seeds (aligned to
+multiples of it) hold each pathology of :mod:`benchmarks.zoo.pathologies` once and healthy runs in
+the other slots, in a shuffled order (:func:`pathology_of`). So 100 tuning seeds see every
+pathology three or four times, and 600 report seeds 20 times. Everything else is what a user trains:
 the family, its size, the optimizer with an LR in its sane range (:data:`SANE_LR`), the schedule,
 the batch size (1 to 256; with ``drop_last=False`` the last batch of an epoch is ragged), weight
 decay, dropout, label smoothing, bf16 autocast, a frozen first layer, and a dataset that ships
@@ -28,10 +30,11 @@ from .spec import FAMILIES, TOKEN_FAMILIES, Pathology, RunSpec
 
 T = TypeVar("T")
 
-P_PATHOLOGICAL = 0.40
-"""Share of seeds with a pathology. The report seeds 1000-1599 draw 335 healthy and 265
-pathological candidates: at the drop rates seen on the tuning seeds (about 5 % of healthy and
-17 % of pathological runs fail their label check) that leaves over 300 and 200 kept runs."""
+BLOCK = 30
+"""Seeds per stratum: 12 pathological slots (one per pathology) and 18 healthy ones. The report
+seeds 1000-1599 draw 360 healthy and 240 pathological candidates: at the drop rates seen on the
+tuning seeds (about 10 % of healthy and 2-15 % of pathological runs fail their label check) that
+leaves over 300 and 200 kept runs."""
 
 FAMILY_WEIGHTS = {"mlp": 0.22, "resmlp": 0.1, "cnn": 0.13, "rnn": 0.14, "transformer": 0.09,
                   "embedding": 0.1, "logistic": 0.13, "linear": 0.09}
@@ -64,15 +67,15 @@ BATCH_SIZES = (1, 2, 4, 8, 16, 32, 50, 64, 100, 128, 200, 256)
 BATCH_WEIGHTS = (0.04, 0.05, 0.06, 0.09, 0.12, 0.15, 0.07, 0.13, 0.07, 0.11, 0.04, 0.07)
 SAMPLE_BUDGET = 16_000
 """At most this many examples per run (steps x batch size), within the family's step range
-(:data:`STEPS`; batches of 8 or fewer: 150-300 steps): runs stay around half a second on one CPU
+(:data:`STEPS`; batches of 8 or fewer: :data:`SMALL_BATCH_STEPS`): runs stay around half a second on one CPU
 thread while a batch of 256 still sees 11 epochs of digits."""
-STEPS = {"rnn": (120, 250), "transformer": (100, 160)}
+STEPS = {"rnn": (100, 200), "transformer": (100, 160)}
 BUDGET = {"cnn": 10_000, "rnn": 12_000}
 BF16_FAMILIES = ("mlp", "resmlp", "embedding", "logistic", "linear")
 """bf16 autocast on CPU makes convolutions, recurrent cells and attention 2-3x slower; it is
 sampled where it is cheap (and LSTM cells refuse it on CPU)."""
 DEFAULT_STEPS = (80, 200)
-SMALL_BATCH_STEPS = (150, 300)
+SMALL_BATCH_STEPS = {1: (200, 300), 2: (200, 300), 4: (120, 250), 8: (120, 250)}
 
 
 def _log_uniform(rng: random.Random, low: float, high: float) -> float:
@@ -218,6 +221,21 @@ def _pathology(rng: random.Random, name: str, spec: dict[str, Any]) -> Pathology
     raise ValueError(f"Unknown pathology {name!r}; known: {sorted(PATHOLOGIES)}.")
 
 
+def pathology_of(seed: int) -> str | None:
+    """The pathology of ``seed``'s slot in its stratum of :data:`BLOCK` seeds (None: healthy).
+
+    >>> names = [pathology_of(s) for s in range(BLOCK)]
+    >>> sorted(n for n in names if n) == sorted(PATHOLOGIES), names.count(None)
+    (True, 18)
+    """
+    block, slot = divmod(seed, BLOCK)
+    block_rng = random.Random(f"gradwatch-zoo-block-{block}")
+    names = sorted(PATHOLOGIES)
+    slots: list[str | None] = [*names, *[None] * (BLOCK - len(names))]
+    block_rng.shuffle(slots)
+    return slots[slot]
+
+
 def sample(seed: int) -> RunSpec:
     """The run for ``seed``.
 
@@ -228,7 +246,7 @@ def sample(seed: int) -> RunSpec:
         A frozen :class:`RunSpec`, healthy or with one pathology.
     """
     rng = random.Random(seed)
-    pathology = rng.choice(sorted(PATHOLOGIES)) if rng.random() < P_PATHOLOGICAL else None
+    pathology = pathology_of(seed)
     families = FAMILIES if pathology is None else PATHOLOGIES[pathology].families
     family = _pick(rng, families, [FAMILY_WEIGHTS[f] for f in families])
     datasets = DATASETS[family]
@@ -245,7 +263,7 @@ def sample(seed: int) -> RunSpec:
     s["batch_size"] = _batch_size(rng, s)
     s.update(_optimizer(rng, family, s["batch_size"], pathology, s.get("cell", "")))
     s["schedule"] = _pick(rng, ["constant", "warmup", "cosine", "step", "onecycle"], [0.3, 0.15, 0.25, 0.15, 0.15])
-    low, high = SMALL_BATCH_STEPS if s["batch_size"] <= 8 else STEPS.get(family, DEFAULT_STEPS)
+    low, high = SMALL_BATCH_STEPS.get(s["batch_size"]) or STEPS.get(family, DEFAULT_STEPS)
     s["steps"] = max(low, min(rng.randint(low, high), BUDGET.get(family, SAMPLE_BUDGET) // s["batch_size"]))
     if s["schedule"] == "warmup" or (s["schedule"] == "cosine" and rng.random() < 0.4):
         s["warmup"] = max(2, int(rng.uniform(0.05, 0.2) * s["steps"]))
@@ -281,4 +299,4 @@ def seeds_covering(seeds: Sequence[int]) -> list[int]:
     return chosen
 
 
-__all__ = ["BATCH_SIZES", "DATASETS", "FAMILY_WEIGHTS", "P_PATHOLOGICAL", "SANE_LR", "sample", "seeds_covering"]
+__all__ = ["BATCH_SIZES", "BLOCK", "DATASETS", "FAMILY_WEIGHTS", "SANE_LR", "pathology_of", "sample", "seeds_covering"]

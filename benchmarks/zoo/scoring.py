@@ -107,6 +107,12 @@ def _detection(runs: Sequence[ZooOutcome]) -> dict[str, Any]:
     }
 
 
+def _signature(o: ZooOutcome) -> str:
+    """The training actions ``auto`` took, as a sorted set (``clip+lr_decay``), or ``none``."""
+    done = sorted(k for k, n in o.auto.get("actions", {}).items() if n and k in TRAINING_ACTIONS)
+    return "+".join(done) or "none"
+
+
 def summarise(outcomes: Iterable[ZooOutcome], *, seconds: float | None = None) -> dict[str, Any]:
     """Every total of the report (see the module docstring for the definitions).
 
@@ -153,6 +159,11 @@ def summarise(outcomes: Iterable[ZooOutcome], *, seconds: float | None = None) -
             "by_pathology": {p: _detection([o for o in sick if o.pathology == p]) for p in PATHOLOGIES
                              if any(o.pathology == p for o in sick)},
         },
+        "missed_as": {p: dict(Counter(o.first_kind or "nothing" for o in sick if o.pathology == p and not o.detected))
+                      for p in PATHOLOGIES if any(o.pathology == p and not o.detected for o in sick)},
+        "failed_rescue_actions": {
+            p: dict(Counter(_signature(o) for o in needs if o.pathology == p and not o.rescued))
+            for p in PATHOLOGIES if any(o.pathology == p and not o.rescued for o in needs)},
         "rescue": {
             "runs": len(needs), "rescued": sum(bool(o.rescued) for o in needs),
             "rate": sum(bool(o.rescued) for o in needs) / len(needs) if needs else None,
