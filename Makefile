@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 CONSTRAINTS := requirements/constraints.txt
 
-.PHONY: demo test test-core lint docs bench clean
+.PHONY: demo test test-core lint docs bench zoo clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,11 @@ bench: $(VENV)/.test-deps
 	$(BIN)/python -m benchmarks.remedy --json build/bench/remedy.json > build/bench/remedy.md
 	TF_CPP_MIN_LOG_LEVEL=3 $(BIN)/python -m benchmarks.overhead --quick --json build/bench/overhead.json > build/bench/overhead.md
 	$(BIN)/python -m benchmarks.docs_page build/bench docs/benchmarks.md
+
+# The randomised zoo on its report seeds (1000-1599; rules are tuned on 0-99), PyTorch, 2 workers (~15 min).
+zoo: $(VENV)/.test-deps
+	mkdir -p build/bench
+	$(BIN)/python -m benchmarks.zoo --framework torch --seeds 1000-1599 --workers 2 --json build/bench/zoo-torch.json > build/bench/zoo-torch.md
 
 clean:
 	rm -rf $(VENV) build dist site *.egg-info
