@@ -142,9 +142,39 @@ def main(argv: list[str] | None = None) -> int:
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         payload = {"seeds": args.seeds if not args.quick else "quick", "only": args.only, "workers": args.workers,
-                   "totals": totals, "outcomes": [o.to_dict() for o in outcomes]}
+                   "provenance": provenance(), "totals": totals, "outcomes": [o.to_dict() for o in outcomes]}
         args.json.write_text(json.dumps(_plain(payload), indent=1, default=str, allow_nan=False))
     return 0
+
+
+def provenance() -> dict[str, Any]:
+    """What was measured: gradwatch's version, the commit, and whether gradwatch's own files
+    differed from it (a run on a working tree that is being edited says so)."""
+    import platform
+    import subprocess
+
+    import gradwatch
+
+    def git(*cmd: str) -> str:
+        try:
+            return subprocess.run(["git", *cmd], capture_output=True, text=True, timeout=10).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    return {"gradwatch": gradwatch.__version__, "commit": git("rev-parse", "HEAD"),
+            "gradwatch_files_modified": bool(git("status", "--porcelain", "gradwatch", "integrations")),
+            "versions": {name: _version(name) for name in ("torch", "scikit-learn", "numpy")},
+            "python": platform.python_version(), "machine": platform.platform(),
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+
+
+def _version(dist: str) -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
 
 
 def _plain(value: Any) -> Any:
