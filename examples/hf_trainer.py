@@ -12,7 +12,7 @@ import tempfile
 
 import torch
 import transformers
-from gradwatch.integrations.transformers import GradWatchCallback
+from gradwatch.integrations.transformers import GradWatch
 from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainingArguments
 
 
@@ -47,7 +47,7 @@ def main() -> None:
     config = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                         intermediate_size=64, max_position_embeddings=32, num_labels=2)
     model = BertWithACorruptBatch(config)
-    gradwatch_callback = GradWatchCallback()  # policy="auto"
+    gradwatch_callback = GradWatch()  # policy="auto"
     with tempfile.TemporaryDirectory() as out:
         args = TrainingArguments(output_dir=out, max_steps=40, per_device_train_batch_size=16, learning_rate=5e-4,
                                  report_to=[], use_cpu=True, logging_steps=10, save_strategy="no",

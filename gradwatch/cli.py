@@ -92,8 +92,7 @@ def _outputs(report: Any, args: argparse.Namespace, name: str, elapsed: float, m
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
-    from gradwatch.check import check_target
-    from gradwatch.check import Progress
+    from gradwatch.check import Progress, check_target
     from gradwatch.errors import GradwatchError
 
     if args.steps is not None and args.steps < 1:

@@ -59,7 +59,12 @@ def gradwatch_select_actions(
     """Replace the policy's decision for one step (remedy selection).
 
     Called after the policy decided, before the decision reaches the adapter. The first plugin
-    that returns a decision wins.
+    that returns a decision wins, and the :class:`~gradwatch.Monitor` makes it final: its
+    ``skip``, ``clip_norm`` and ``rollback`` are carried out on this step by adapters that can still
+    act on it (PyTorch), and its ``lr_factor`` and ``controls`` become the standing orders
+    (``monitor.controls``) that every adapter applies from then on, on measured and unmeasured
+    steps alike, compiled Keras steps included. A changed ``lr_factor`` wins over
+    ``controls.lr_factor``.
 
     Args:
         findings: This step's findings.

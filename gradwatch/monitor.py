@@ -8,6 +8,7 @@ actions (counts are kept beyond that), so memory is O(layers x history), never O
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import deque
 from typing import Any
@@ -16,6 +17,7 @@ import numpy as np
 
 from gradwatch.detectors.base import Detector, state_from_dict, state_to_dict
 from gradwatch.findings import Action, Finding, severity_rank
+from gradwatch.history import History
 from gradwatch.plugins import Hooks
 from gradwatch.policy import Controls, Decision, Policy, resolve_policy
 from gradwatch.report import Report
@@ -84,6 +86,7 @@ class Monitor:
         self.framework = framework
         self.layout: Layout | None = None
         self._policy_state = self.policy.init()
+        self._controls = self._policy_state.controls
         self._reset_run()
 
     # -- state ---------------------------------------------------------------------------------
@@ -100,32 +103,20 @@ class Monitor:
         self._last_step = -1
         self._skipped_by_framework: deque[tuple[int, str]] = deque(maxlen=self.max_actions)
         self._skipped_count = 0
-        self._hist_steps = np.full(self.history, -1, dtype=np.int64)
-        self._hist_global = np.full(self.history, np.nan)
-        self._hist_loss = np.full(self.history, np.nan)
-        self._hist_lr = np.full(self.history, np.nan)
-        self._hist_index = 0
+        self._history = History(self.history)
         self._layer_names: tuple[str, ...] = ()
-        # Per tensor and step: the gradient norm, NaN without a gradient, +inf when non-finite.
-        # Aggregated per layer only when a report is asked for: the step path stays cheap.
-        self._hist_tensors = np.zeros((self.history, 0))
-        self._last_param = np.zeros(0)
-        self._last_zero = np.zeros(0)
-        self._layer_nonfinite_steps = np.zeros(0, dtype=np.int64)
 
     def _set_layout(self, layout: Layout) -> None:
         self.layout = layout
         self._detector_states = [d.init(layout) for d in self.detectors]
         self._layer_names = layout.layer_names()
-        self._hist_tensors = np.full((self.history, len(layout)), np.nan)
-        self._last_param = np.full(len(layout), np.nan)
-        self._last_zero = np.full(len(layout), np.nan)
-        self._layer_nonfinite_steps = np.zeros(len(self._layer_names), dtype=np.int64)
+        self._history.set_layout(layout)
 
     @property
     def controls(self) -> Controls:
-        """The standing orders in force (compiled adapters mirror them in variables)."""
-        return self._policy_state.controls
+        """The standing orders in force after the last decision, plugins included: what every
+        adapter applies on the steps that follow (compiled adapters mirror them in variables)."""
+        return self._controls
 
     @property
     def steps_measured(self) -> int:
@@ -161,7 +152,10 @@ class Monitor:
         decision, self._policy_state = self.policy.decide(
             findings, stats, self._policy_state, can_rollback=can_rollback, immediate=immediate
         )
+        policy_factor = decision.lr_factor
         decision = self.hooks.select_actions(findings, stats, decision, self)
+        self._controls = _final_controls(decision, policy_factor)
+        decision.controls, decision.lr_factor = self._controls, self._controls.lr_factor
         self._record(stats, findings, decision)
         self.hooks.on_step(stats, decision, self)
         return decision
@@ -210,29 +204,13 @@ class Monitor:
             self._actions.append(a)
             self._action_counts[a.kind] = self._action_counts.get(a.kind, 0) + 1
             self.hooks.on_action(a, self)
-        self._record_history(stats, decision)
-
-    def _record_history(self, stats: StepStats, decision: Decision) -> None:
-        i = self._hist_index
-        self._hist_steps[i] = stats.step
-        self._hist_global[i] = stats.global_norm
-        self._hist_loss[i] = np.nan if stats.loss is None else stats.loss
-        self._hist_lr[i] = decision.lr_factor
-        bad = stats.nonfinite > 0
-        self._hist_tensors[i] = np.where(stats.has_grad, np.where(bad, np.inf, stats.grad_norm), np.nan)
-        if stats.params_measured:
-            self._last_param = stats.param_norm
-        self._last_zero = np.where(stats.has_grad, stats.zero_fraction, np.nan)
-        if not stats.finite:  # rare: count the layers that were non-finite on this step
-            layer_bad = np.bincount(stats.layout.layer_ids, weights=bad.astype(float), minlength=len(self._layer_names))
-            self._layer_nonfinite_steps += (layer_bad > 0) | ~np.isfinite(layer_bad)
-        self._hist_index = (i + 1) % self.history
+        self._history.record(stats, decision.lr_factor)
 
     def _layer_history(self, keep: np.ndarray) -> np.ndarray:
         """Per-layer gradient norms (kept steps x layers): NaN for a layer without gradient on
         that step, inf for a non-finite one."""
         assert self.layout is not None
-        rows = self._hist_tensors[keep]
+        rows = self._history.tensors[keep]
         everything = np.ones(rows.shape[1], dtype=bool)
         with np.errstate(invalid="ignore", over="ignore"):
             rss = self.layout.per_layer_rss(np.nan_to_num(rows, nan=0.0, posinf=np.inf), everything)
@@ -256,8 +234,8 @@ class Monitor:
 
     def report(self) -> Report:
         """A snapshot :class:`~gradwatch.Report` of the run so far."""
-        order = np.argsort(np.where(self._hist_steps >= 0, self._hist_steps, np.iinfo(np.int64).max))
-        keep = order[self._hist_steps[order] >= 0]
+        history = self._history
+        keep = history.kept()
         layers = []
         layer_hist = np.zeros((0, len(self._layer_names)))
         if self.layout is not None:
@@ -267,10 +245,10 @@ class Monitor:
             last = layer_hist[-1] if len(layer_hist) else np.full(n, np.nan)
             finite_hist = np.where(np.isfinite(layer_hist), layer_hist, -np.inf)
             highest = finite_hist.max(0) if len(layer_hist) else np.full(n, -np.inf)
-            param = layout.per_layer_rss(self._last_param, np.ones(len(layout), dtype=bool))
+            param = layout.per_layer_rss(history.last_param, np.ones(len(layout), dtype=bool))
             dead = np.full(n, -1.0)
-            measured = ~np.isnan(self._last_zero)
-            np.maximum.at(dead, layout.layer_ids[measured], self._last_zero[measured])
+            measured = ~np.isnan(history.last_zero)
+            np.maximum.at(dead, layout.layer_ids[measured], history.last_zero[measured])
             for i, name in enumerate(self._layer_names):
                 members = [j for j, layer in enumerate(layout.layers) if layer == name]
                 grad_last, param_last = float(last[i]), float(param[i])
@@ -284,7 +262,7 @@ class Monitor:
                     "param_norm": param_last,
                     "ratio": grad_last / param_last if math.isfinite(param_last) and param_last > 0 else math.nan,
                     "dead_fraction": float(dead[i]) if dead[i] >= 0 else math.nan,
-                    "nonfinite_steps": int(self._layer_nonfinite_steps[i]),
+                    "nonfinite_steps": int(history.layer_nonfinite_steps[i]),
                 })
         return Report(
             healthy=self.healthy,
@@ -301,10 +279,7 @@ class Monitor:
             skipped=[{"step": s, "reason": r} for s, r in self._skipped_by_framework],
             layers=layers,
             history={
-                "steps": self._hist_steps[keep].tolist(),
-                "global_norm": self._hist_global[keep].tolist(),
-                "loss": self._hist_loss[keep].tolist(),
-                "lr_factor": self._hist_lr[keep].tolist(),
+                **history.step_fields(keep),
                 "layer_names": list(self._layer_names),
                 "layer_grad_norm": layer_hist.tolist(),
             },
@@ -334,6 +309,7 @@ class Monitor:
                 {"kind": d.kind, "state": state_to_dict(s)} for d, s in zip(self.detectors, self._detector_states)
             ],
             "policy_state": state_to_dict(self._policy_state),
+            "controls": dataclasses.asdict(self._controls),
             "findings": [f.to_dict() for f in self._findings],
             "open": [[list(k), positions.get(id(v[0]), -1), v[1]] for k, v in self._open.items()],
             "actions": [a.to_dict() for a in self._actions],
@@ -344,17 +320,7 @@ class Monitor:
             "last_step": self._last_step,
             "skipped": [list(x) for x in self._skipped_by_framework],
             "skipped_count": self._skipped_count,
-            "history": {
-                "steps": self._hist_steps.tolist(),
-                "global_norm": self._hist_global.tolist(),
-                "loss": self._hist_loss.tolist(),
-                "lr_factor": self._hist_lr.tolist(),
-                "tensors": self._hist_tensors.tolist(),
-                "index": self._hist_index,
-                "last_param": self._last_param.tolist(),
-                "last_zero": self._last_zero.tolist(),
-                "layer_nonfinite_steps": self._layer_nonfinite_steps.tolist(),
-            },
+            "history": self._history.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -391,6 +357,11 @@ class Monitor:
                 for template, saved in zip(self._detector_states, state["detectors"])
             ]
         self._policy_state = state_from_dict(self.policy.init(), state["policy_state"])
+        saved = state.get("controls")
+        self._controls = (
+            Controls(bool(saved["skip_nonfinite"]), float(saved["clip_norm"]), float(saved["lr_factor"]))
+            if saved is not None else self._policy_state.controls
+        )
         self._findings.extend(Finding.from_dict(f) for f in state["findings"])
         findings = list(self._findings)
         for key, index, measured in state["open"]:
@@ -404,14 +375,13 @@ class Monitor:
         self._last_step = state["last_step"]
         self._skipped_by_framework.extend((int(s), str(r)) for s, r in state["skipped"])
         self._skipped_count = state["skipped_count"]
-        h = state["history"]
-        self._hist_steps = np.array(h["steps"], dtype=np.int64)
-        self._hist_global = np.array(h["global_norm"], dtype=float)
-        self._hist_loss = np.array(h["loss"], dtype=float)
-        self._hist_lr = np.array(h["lr_factor"], dtype=float)
-        if self.layout is not None:
-            self._hist_tensors = np.array(h["tensors"], dtype=float).reshape(self.history, len(self.layout))
-            self._last_param = np.array(h["last_param"], dtype=float)
-            self._last_zero = np.array(h["last_zero"], dtype=float)
-        self._hist_index = h["index"]
-        self._layer_nonfinite_steps = np.array(h["layer_nonfinite_steps"], dtype=np.int64)
+        self._history.load_state_dict(state["history"], None if self.layout is None else len(self.layout))
+
+
+def _final_controls(decision: Decision, policy_factor: float) -> Controls:
+    """The standing orders after a step, plugins included: ``decision.controls``, with the LR
+    factor of ``decision.lr_factor`` when a ``gradwatch_select_actions`` plugin changed that."""
+    controls = decision.controls
+    if decision.lr_factor != policy_factor and decision.lr_factor != controls.lr_factor:
+        controls = dataclasses.replace(controls, lr_factor=float(decision.lr_factor))
+    return controls

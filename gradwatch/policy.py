@@ -66,15 +66,27 @@ class Decision:
     controls: Controls = field(default_factory=Controls)
 
 
+NEVER = -(10**9)
+"""The step of something that has not happened yet (far enough back for every cool-down)."""
+
+
 class PolicyState(NamedTuple):
-    skip_nonfinite: bool
-    clip_norm: float
-    lr_factor: float
-    last_decay_step: int
-    clip_since: int
-    nonfinite_steps: tuple
+    """What a policy carries from one step to the next; build it with keywords
+    (``PolicyState(skip_nonfinite=True)``), every field has a default."""
+
+    skip_nonfinite: bool = False
+    """Skip steps whose gradients are non-finite."""
+    clip_norm: float = math.inf
+    """The clip level in force (inf: none)."""
+    lr_factor: float = 1.0
+    """The LR factor decided by decays (without an LR-jump hold)."""
+    last_decay_step: int = NEVER
+    """The step of the last LR decay."""
+    clip_since: int = -1
+    """The step from which the current clip level is in force (-1: none)."""
+    nonfinite_steps: tuple = ()
     """Steps of the most recent non-finite gradients (at most ``nonfinite_patience``)."""
-    recommended: tuple
+    recommended: tuple = ()
     """Layers already named in a BatchNorm recommendation."""
     recent_lr: tuple = ()
     """The user's scheduled learning rate (before gradwatch's factor) on recent healthy steps."""
@@ -84,7 +96,7 @@ class PolicyState(NamedTuple):
     """The global norm when that streak began."""
     clip_streak_loss: float = math.nan
     """The loss when that streak began (NaN: not known)."""
-    last_exploding_step: int = -(10**9)
+    last_exploding_step: int = NEVER
     """The last step with an ``exploding`` finding."""
     lr_cap: float = math.inf
     """While the user's LR stays jumped: the scheduled LR it is held to (the healthy one)."""
@@ -102,7 +114,7 @@ class Policy:
     name = "policy"
 
     def init(self) -> PolicyState:
-        return PolicyState(False, math.inf, 1.0, -(10**9), -1, (), ())
+        return PolicyState()
 
     def decide(
         self,
@@ -235,7 +247,7 @@ class AutoPolicy(Policy):
         return {"name": self.name, **{k: v for k, v in vars(self).items() if not k.startswith("_")}}
 
     def init(self) -> PolicyState:
-        return PolicyState(self.skip_step, math.inf, 1.0, -(10**9), -1, (), ())
+        return PolicyState(skip_nonfinite=self.skip_step)
 
     def decide(
         self, findings: Sequence[Finding], stats: StepStats, state: PolicyState, *,

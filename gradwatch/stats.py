@@ -17,6 +17,8 @@ from functools import cached_property
 
 import numpy as np
 
+from gradwatch.jsonvalues import to_json
+
 ROLES = ("weight", "bias", "embedding", "norm", "other")
 """The roles a parameter tensor can play. Detectors treat them differently: embedding rows that were
 not looked up are not dead units, and normalisation scales are not compared across depth."""
@@ -310,29 +312,20 @@ class StepStats:
         return _per_layer(self, self.param_norm, roles)
 
     def to_dict(self) -> dict:
-        """A JSON-friendly dict (NaN becomes None)."""
-
-        def clean(a: np.ndarray) -> list:
-            return [None if isinstance(x, float) and not np.isfinite(x) else x for x in a.tolist()]
-
-        return {
+        """A JSON-friendly dict, numbers as everywhere in gradwatch (:mod:`gradwatch.jsonvalues`):
+        NaN is None, infinities are ``"inf"`` / ``"-inf"``."""
+        return to_json({
             "step": self.step,
             "layout": self.layout.to_dict(),
-            "grad_norm": clean(self.grad_norm),
-            "param_norm": clean(self.param_norm),
+            "grad_norm": self.grad_norm.tolist(),
+            "param_norm": self.param_norm.tolist(),
             "nonfinite": self.nonfinite.tolist(),
-            "zero_fraction": clean(self.zero_fraction),
+            "zero_fraction": self.zero_fraction.tolist(),
             "has_grad": self.has_grad.tolist(),
-            "update_norm": clean(self.update_norm),
-            "loss": _finite_or_text(self.loss),
-            "lr": _finite_or_text(self.lr),
-        }
-
-
-def _finite_or_text(x: float | None) -> float | str | None:
-    if x is None or np.isfinite(x):
-        return x
-    return "nan" if np.isnan(x) else ("inf" if x > 0 else "-inf")
+            "update_norm": self.update_norm.tolist(),
+            "loss": self.loss,
+            "lr": self.lr,
+        })
 
 
 def _per_layer(stats: StepStats, values: np.ndarray, roles: Sequence[str] | None) -> dict[str, float]:

@@ -214,7 +214,7 @@ def dying_units_stream(onset: int = 50, steps: int = 100, *, layers: int = 5, la
 
 
 def healthy_streams() -> dict[str, Iterator[StepStats]]:
-    """Every healthy stream by name: the traps of DESIGN.md point 6 and then some."""
+    """Every healthy stream by name: the traps of docs/design.md ("what healthy looks like") and then some."""
     return {
         "healthy": healthy(),
         "converging": converging(),

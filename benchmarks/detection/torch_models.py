@@ -209,7 +209,7 @@ class NormFeatureNet(nn.Module):
 
     ``sqrt(sum h^2)`` of an exactly-zero row (an all-zero input row: bias-free tanh layers keep it
     zero) is 0 in the forward pass, and its backward is ``h / 0 = NaN``: a finite loss with NaN
-    gradients in layers ``0..at`` and finite ones after (DESIGN.md, "Where to measure", point 3).
+    gradients in layers ``0..at`` and finite ones after (docs/design.md, "Where to measure", point 3).
     """
 
     def __init__(self, seed: int, *, depth: int = 4, at: int = 1, width: int = 32) -> None:

@@ -28,7 +28,14 @@ from __future__ import annotations
 
 from gradwatch.check.loops import Progress, run_spec
 from gradwatch.check.run import check_target, run_check
-from gradwatch.check.spec import DEFAULT_STEPS, EXPECTED_SETUP, CheckSpec, as_spec, detect_framework, validate_spec
+from gradwatch.check.spec import (
+    DEFAULT_STEPS,
+    EXPECTED_SETUP,
+    CheckSpec,
+    as_spec,
+    detect_framework,
+    validate_spec,
+)
 from gradwatch.check.targets import describe, load_target, seed_everything, seeded
 
 __all__ = [

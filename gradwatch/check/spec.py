@@ -7,7 +7,7 @@ returned objects' types (their classes' modules), so this module imports no fram
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 

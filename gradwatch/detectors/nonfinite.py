@@ -5,7 +5,7 @@ the producing layer is finite, every layer before it is not. So the deepest non-
 forward order) is where it started, and the finite layers after it are named too.
 
 Checked before any clipping: clipping by a non-finite global norm turns every gradient into NaN
-(DESIGN.md, "Where to measure", point 3).
+(docs/design.md, "Where to measure", point 3).
 """
 
 from __future__ import annotations

@@ -17,7 +17,12 @@ from typing import TYPE_CHECKING, Any
 
 from gradwatch.advice import advice_for
 from gradwatch.findings import severity_rank
-from gradwatch.report.figures import global_norm_figure, heatmap_figure, png_bytes, require_matplotlib
+from gradwatch.report.figures import (
+    global_norm_figure,
+    heatmap_figure,
+    png_bytes,
+    require_matplotlib,
+)
 
 if TYPE_CHECKING:
     from gradwatch.report.base import Report

@@ -23,7 +23,6 @@ from typing import TYPE_CHECKING
 
 from gradwatch.advice import advice_for
 from gradwatch.findings import FINDING_KINDS, Finding, severity_rank
-
 from gradwatch.report.base import check_fail_on
 
 if TYPE_CHECKING:

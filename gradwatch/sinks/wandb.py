@@ -20,7 +20,7 @@ are printed to the run's console as they happen and logged as two tables (``grad
 ``gradwatch/skipped_steps``).
 
 This costs a few scalars per step. For comparison, ``wandb.watch(model, log="gradients")`` logs a
-histogram per tensor and makes a step several times slower (see DESIGN.md).
+histogram per tensor and makes a step several times slower (docs/benchmarks.md).
 
 Raises:
     gradwatch.MissingExtraError: on import, when ``wandb`` is not installed

@@ -6,19 +6,23 @@ from __future__ import annotations
 import math
 import threading
 import time
-import warnings
 from collections import deque
 from typing import Any
 
 import numpy as np
 
-from gradwatch.errors import GradwatchWarning, require
+from gradwatch.errors import require
+from gradwatch.failsafe import FailSafe
 from gradwatch.monitor import Monitor
+from gradwatch.options import check_every
 from gradwatch.policy import AutoPolicy, ObservePolicy, Policy
 from gradwatch.report import Report
+from gradwatch.sinks import Sink, resolve_sinks
 from gradwatch.stats import StepStats
 
-keras = require("keras", "keras")
+require("keras", "keras")
+
+import keras  # noqa: E402
 
 from .step import (  # noqa: E402
     BLOCKS,
@@ -46,8 +50,19 @@ class GradWatch(keras.callbacks.Callback):
             other batches keep Keras' asynchronous dispatch. Defaults to 1.
         strict: Raise gradwatch's own internal errors instead of warning once and stopping.
             Defaults to False.
+        sinks: Where else this run's numbers, findings and actions go:
+            :class:`gradwatch.sinks.Sink` objects or file paths (JSON Lines), attached to this
+            callback's monitor only. Defaults to None.
+        monitor: A :class:`gradwatch.Monitor` to use instead of a new one (its policy, detectors
+            and history are used; ``policy``, ``history`` and ``detectors`` are then ignored).
+            Defaults to None.
         history: Steps of per-layer history kept for the report. Defaults to 256.
         detectors: The detectors to run. Defaults to the built-ins plus those of plugins.
+
+    The shared options (``policy``, ``every``, ``strict``, ``sinks``, ``monitor``) mean what they
+    mean for every adapter (docs/api.md). ``history`` and ``detectors`` are Keras's own so that
+    :meth:`get_config` can save them; a parameter-norm schedule does not apply (they are computed
+    inside the compiled step).
 
     Raises:
         ValueError: for ``every < 1`` or an unknown policy.
@@ -62,22 +77,24 @@ class GradWatch(keras.callbacks.Callback):
         every: int = 1,
         strict: bool = False,
         *,
+        sinks: Any = None,
+        monitor: Monitor | None = None,
         history: int = 256,
         detectors: list | None = None,
     ) -> None:
         super().__init__()
-        if isinstance(every, bool) or not isinstance(every, (int, np.integer)) or every < 1:
-            raise ValueError(f"GradWatch needs an integer every >= 1. Received every={every!r}.")
         self.policy_arg = policy
-        self.every = int(every)
+        self.every = check_every(every)
         self.strict = bool(strict)
-        self.history = int(history)
-        self.monitor = Monitor(
+        self.monitor = monitor if monitor is not None else Monitor(
             policy=policy, detectors=detectors, history=history, framework=f"keras/{keras.backend.backend()}"
         )
+        self.history = self.monitor.history
+        self.sinks: list[Sink] = [s.attach(self.monitor) for s in resolve_sinks(sinks)]
+        # strict: the reader is stopped before the error is raised, so that nothing waits for it.
+        self.failsafe = FailSafe(strict=strict, owner="GradWatch")
         self._lock = threading.Lock()
         self._probe: StepProbe | None = None
-        self._stopped = False
         self._count = 0
         """Optimizer steps counted by the probe so far (continues across fits)."""
         self._next_step = 0
@@ -106,7 +123,7 @@ class GradWatch(keras.callbacks.Callback):
     # -- Keras hooks ---------------------------------------------------------------------------
 
     def on_train_begin(self, logs: dict | None = None) -> None:
-        if self._stopped:
+        if not self.failsafe.active:
             return
         try:
             model = self._model
@@ -128,7 +145,7 @@ class GradWatch(keras.callbacks.Callback):
             # The train function was traced before this hook; trace it again with the probe in.
             model.make_train_function(force=True)
         except Exception as exc:
-            self._fail(exc)
+            self.failsafe.fail(exc)
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
         self._epoch_base = self._batches
@@ -137,7 +154,7 @@ class GradWatch(keras.callbacks.Callback):
     def on_train_batch_begin(self, batch: int, logs: dict | None = None) -> None:
         # Runs on the thread that runs fit, between two steps: the only safe place to write.
         probe = self._probe
-        if probe is None or self._stopped:
+        if probe is None or not self.failsafe.active:
             return
         started = self._epoch_base + int(batch)
         # Controls decided on execution k take effect from execution k + 2, the same on every
@@ -160,7 +177,7 @@ class GradWatch(keras.callbacks.Callback):
             probe.write_controls(controls)
             self._written = controls
         except Exception as exc:
-            self._fail(exc)
+            self.failsafe.fail(exc)
 
     def _keep_up(self, started: int, probe: StepProbe, read_through: int) -> None:
         """Wait for the asynchronous reader: until it has read ``read_through`` batches, and while
@@ -169,13 +186,13 @@ class GradWatch(keras.callbacks.Callback):
         deadline = time.monotonic() + 60.0
         while (
             (self._done < read_through or started - self._done > room)
-            and not self._stopped
+            and self.failsafe.active
             and time.monotonic() < deadline
         ):
             time.sleep(0.0002)
 
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
-        if self._stopped or self._probe is None:
+        if not self.failsafe.active or self._probe is None:
             return
         with self._lock:
             try:
@@ -192,7 +209,7 @@ class GradWatch(keras.callbacks.Callback):
                 finally:
                     self._done = max(self._done, total)
             except Exception as exc:
-                self._fail(exc)
+                self.failsafe.fail(exc)
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         finite = [x for x in self._epoch_norms if math.isfinite(x)]
@@ -204,17 +221,22 @@ class GradWatch(keras.callbacks.Callback):
         if probe is None:
             return
         try:
-            if not self._stopped:
+            if self.failsafe.active:
                 count, _ = probe.read()
                 self._note_loss_scale_skips(count)
                 self._count = count
         except Exception as exc:
-            self._fail(exc)
+            self.failsafe.fail(exc)
         finally:
             probe.remove()
             # The traced step holds the probe: the next fit must trace a clean one.
             self._model.train_function = None
-        self.monitor.finish()
+        try:
+            self.monitor.finish()
+        except Exception as exc:
+            self.failsafe.fail(exc)
+        for sink in self.sinks:
+            sink.close()
 
     # -- reading the step ----------------------------------------------------------------------
 
@@ -269,19 +291,6 @@ class GradWatch(keras.callbacks.Callback):
         while self._loss_scale_skips < skipped:
             self._loss_scale_skips += 1
             self.monitor.note_skipped(count, "loss_scale")
-
-    def _fail(self, exc: BaseException) -> None:
-        if self.strict:
-            self._stopped = True  # nothing waits for a reader that is gone
-            raise exc
-        if not self._stopped:
-            self._stopped = True
-            warnings.warn(
-                f"gradwatch hit an internal error and stopped monitoring this run ({type(exc).__name__}: "
-                f"{exc}). Training goes on unchanged from here; pass strict=True to raise instead.",
-                GradwatchWarning,
-                stacklevel=2,
-            )
 
     # -- results and state ---------------------------------------------------------------------
 

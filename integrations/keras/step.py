@@ -2,7 +2,7 @@
 
 All three Keras trainers hand the gradients to the optimizer's ``apply``: TensorFlow and PyTorch
 through ``apply_gradients``/``apply`` in ``train_step``, JAX through ``stateless_apply``, which runs
-``apply`` inside a ``StatelessScope`` (DESIGN.md, "Where to measure", point 2). A
+``apply`` inside a ``StatelessScope`` (docs/design.md, "Where to measure", point 2). A
 :class:`StepProbe` replaces ``apply`` on the optimizer instance (the inner one of a
 ``LossScaleOptimizer``, where gradients are already unscaled) by a function that, inside the
 compiled step (``tf.function``, XLA, ``jax.jit``):
@@ -30,12 +30,13 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
-from . import distributed as strategy
-from .host import ProbeReader, controls_vector
-from .layout import keras_layout
 
 from gradwatch.policy import Controls
 from gradwatch.stats import Layout
+
+from . import distributed as strategy
+from .host import ProbeReader, controls_vector
+from .layout import keras_layout
 
 HEAD = ("step", "global_norm", "lr", "skipped", "clip_scale")
 """The first columns of a row; then ``grad_norm``, ``param_norm``, ``zero_fraction`` and
@@ -207,7 +208,7 @@ class StepProbe(ProbeReader):
                 target = self.target
                 if not target.built:
                     with self.keras.name_scope(target.name, caller=target):
-                        target.build(list(trainable_variables))
+                        target.build(list(trainable_variables or target._trainable_variables))
                     target.built = True
                 self._prepare()
             replicas = strategy.replicas_in_sync(self.backend)
@@ -272,6 +273,7 @@ class StepProbe(ProbeReader):
 
     def _measure(self, grads: list[Any], trainable_variables: Sequence[Any] | None) -> dict[str, Any]:
         by_index = self._present(grads, trainable_variables)
+        assert self.layout is not None  # set by _prepare, before any step is measured
         if self.backend == "torch":
             return self._measure_torch(grads, by_index)
         ops = self.keras.ops

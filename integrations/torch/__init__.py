@@ -21,7 +21,15 @@ scaled get their norms divided by the scale), before any clipping. Steps that Gr
 not called explosions. The remedies act in the same pre-hook, before the optimizer reads the
 gradients.
 
-Building blocks for other integrations (Lightning, Hugging Face), stable signatures:
+Building blocks for other integrations, stable signatures. A new trainer callback needs only
+:class:`StepDriver` (the whole step: measure, judge, skip/clip/roll back, snapshots) and
+:class:`~gradwatch.integrations.torch.callback.TrainerCallbackCore` (monitor, fail-safe, sinks,
+checkpoints), as the Lightning and Hugging Face callbacks do; the pieces below are what those are
+made of:
+
+* :class:`StepDriver` ``(monitor, *, model, optimizers, failsafe, every=1, ...)``: ``before_optimizer_step(...)``
+  once per optimizer step before the optimizer reads the gradients, ``apply_lr`` / ``restore_lr``
+  around ``optimizer.step()``, ``record_loss``, ``state_dict`` / ``load_state_dict``.
 
 * :func:`build_layout` ``(model, optimizers=None, *, names=None) -> TorchParams``: the measured
   parameters (``.params``) and their :class:`gradwatch.Layout` (``.layout``), built once.
@@ -56,10 +64,8 @@ require("torch", "torch")  # a missing PyTorch raises MissingExtraError naming t
 
 import torch  # noqa: E402
 
-from gradwatch.monitor import Monitor  # noqa: E402
-from gradwatch.policy import Policy  # noqa: E402
-
 from .distributed import DistributedMeasure, RankZeroHooks  # noqa: E402
+from .driver import StepDriver  # noqa: E402
 from .layout import (  # noqa: E402
     LayerNames,
     TorchParams,
@@ -82,62 +88,20 @@ from .watch import Watch  # noqa: E402
 def watch(
     model: torch.nn.Module | None,
     optimizer: torch.optim.Optimizer | Iterable[torch.optim.Optimizer],
-    *,
-    policy: str | Policy = "auto",
-    scaler: Any = None,
-    every: int = 1,
-    strict: bool = False,
-    names: LayerNames = None,
-    rollback_every: int | None = None,
-    param_norm_every: int = 10,
-    monitor: Monitor | None = None,
-    distributed: bool | None = None,
+    **options: Any,
 ) -> Watch:
     """Watch the gradients of ``model`` as ``optimizer`` trains it, and apply remedies.
 
-    Args:
-        model: The model (names layers by their ``named_modules`` path). May be None: parameters
-            are then named ``optimizer0.param3``.
-        optimizer: The optimizer, or a list of optimizers that step together after the same
-            ``backward()`` (a GAN's generator and discriminator step after different backward
-            passes: watch each pair separately).
-        policy: ``"auto"`` (skip non-finite steps, clip and decay the LR on explosions, recommend
-            BatchNorm where gradients vanish), ``"observe"`` (never touch training) or a
-            :class:`gradwatch.Policy`. Defaults to ``"auto"``.
-        scaler: The ``torch.amp.GradScaler`` in use, so that the steps it skips are counted.
-            Defaults to None.
-        every: Measure every N optimizer steps. On the other steps only the standing controls
-            that need no measurement apply (LR factor, clip level); a non-finite gradient there is
-            not seen and not skipped. Defaults to 1.
-        strict: Raise gradwatch's own internal errors instead of warning once and stopping.
-            Defaults to False.
-        names: How layers are named: None (the module path), a mapping from module path to a name,
-            or a function of the module path. Defaults to None.
-        rollback_every: Keep a copy of the parameters and optimizer state, refreshed every N
-            healthy measured steps, and restore it when the parameters turn non-finite. Costs one
-            copy of the parameters and of the optimizer state. Defaults to None (no rollback).
-        param_norm_every: Measure the parameter norms (for the vanishing detector's
-            ``||g|| / ||W||``) every N measured steps, reusing the last values in between (they
-            change slowly), and in any case on a step with a non-finite gradient or loss (to see
-            non-finite parameters) and before a rollback snapshot. 1: every measured step; 0:
-            never. Defaults to 10.
-        monitor: A :class:`gradwatch.Monitor` to use instead of a new one (custom detectors,
-            history length); its own policy is used and ``policy`` is ignored. Defaults to None.
-        distributed: Measure across the ranks of ``torch.distributed`` (DDP, FSDP, FSDP2): one
-            small collective per measured step, so every rank sees the global norms and takes the
-            same decision; only rank 0 emits events (sinks, reports). None: when
-            ``torch.distributed`` is initialised with more than one rank; False: this process
-            alone. Every rank must watch and step together. See docs/distributed.md.
-            Defaults to None.
+    The same as ``Watch(model, optimizer, **options)``; :class:`Watch` documents every option
+    (``policy``, ``scaler``, ``every``, ``strict``, ``names``, ``rollback_every``,
+    ``param_norm_every``, ``sinks``, ``monitor``, ``distributed``).
 
     Returns:
         The :class:`Watch` handle: ``record_loss``, ``report``, ``remove``, ``state_dict``,
         ``load_state_dict``, ``monitor``; also a context manager.
 
     Raises:
-        TypeError: for an optimizer, model or scaler of the wrong type.
-        ValueError: for ``every`` or ``rollback_every`` below 1, or a model without parameters.
-        RuntimeError: for ``distributed=True`` without an initialised process group.
+        TypeError, ValueError, RuntimeError: see :class:`Watch`.
 
     Example:
         >>> import torch, gradwatch
@@ -153,11 +117,7 @@ def watch(
         >>> w.report().healthy, w.report().steps_measured
         (True, 3)
     """
-    return Watch(
-        model, optimizer, policy=policy, scaler=scaler, every=every, strict=strict, names=names,
-        rollback_every=rollback_every, param_norm_every=param_norm_every, monitor=monitor,
-        distributed=distributed,
-    )
+    return Watch(model, optimizer, **options)
 
 
 __all__ = [
@@ -167,6 +127,7 @@ __all__ = [
     "RankZeroHooks",
     "Rollbacks",
     "Snapshot",
+    "StepDriver",
     "TorchParams",
     "Watch",
     "apply_decision",

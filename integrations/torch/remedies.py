@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from gradwatch.options import check_rollback_every
 from gradwatch.policy import Decision
 
 _get_total_norm = getattr(torch.nn.utils, "get_total_norm", None)
@@ -271,12 +272,7 @@ class Rollbacks:
     """
 
     def __init__(self, every: int | None) -> None:
-        if every is not None and (not isinstance(every, int) or isinstance(every, bool) or every < 1):
-            raise ValueError(
-                "rollback_every must be None (no snapshots) or an int >= 1 (healthy steps between "
-                f"snapshots). Received rollback_every={every!r}."
-            )
-        self.every = every
+        self.every = check_rollback_every(every)
         self.snapshot: Snapshot | None = None
         self.healthy_since = 0
 

@@ -1,39 +1,152 @@
-"""The handle behind ``gradwatch.watch``: hooks, measurement, decisions and remedies per step.
+"""The handle behind ``gradwatch.watch``: optimizer hooks around the shared step driver.
 
-See :mod:`gradwatch.integrations.torch` for the user's view; this module holds the
-:class:`Watch` class only.
+See :mod:`gradwatch.integrations.torch` for the user's view. :class:`Watch` only says where the
+step is (an optimizer step pre-hook, once per round of the optimizers that step together), how
+it learns about a ``GradScaler`` skip, and where the loss comes from (``record_loss``); the step
+itself is :class:`~gradwatch.integrations.torch.driver.StepDriver`'s.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import warnings
+import inspect
+import weakref
 from collections.abc import Iterable
 from typing import Any
 
-import numpy as np
 import torch
 
-from gradwatch.errors import GradwatchWarning
+from gradwatch.failsafe import FailSafe
 from gradwatch.monitor import Monitor
-from gradwatch.policy import Decision, Policy
+from gradwatch.policy import Policy
 from gradwatch.report import Report
+from gradwatch.sinks import Sink, resolve_sinks
 
-from . import distributed as torch_distributed
-from .layout import LayerNames, TorchParams, build_layout
-from .measure import measure
-from .remedies import LRScale, Rollbacks, apply_decision, clip_grads
+from .driver import StepDriver
+from .layout import LayerNames, TorchParams, unwrap
+
+__all__ = ["Watch"]
+
+_WATCHED: weakref.WeakKeyDictionary[Any, Watch] = weakref.WeakKeyDictionary()
+"""Models and optimizers under a live watch: a second watch of the same one is refused."""
+
+
+def _optimizers(optimizer: Any) -> list[torch.optim.Optimizer]:
+    if isinstance(optimizer, torch.optim.Optimizer):
+        optimizers = [optimizer]
+    else:
+        try:
+            optimizers = list(optimizer) if optimizer is not None and not isinstance(optimizer, str) else []
+        except TypeError:
+            optimizers = []
+    if not optimizers or not all(isinstance(o, torch.optim.Optimizer) for o in optimizers):
+        raise TypeError(
+            "gradwatch.watch(model, optimizer) needs a torch.optim.Optimizer or a list of them. "
+            f"Received optimizer={optimizer!r}."
+        )
+    for opt in optimizers:
+        if _needs_closure(opt):
+            raise TypeError(
+                f"gradwatch.watch cannot watch {type(opt).__name__}: its step(closure) evaluates the loss "
+                "and gradients itself, several times, after gradwatch's pre-step hook, so gradwatch "
+                "could neither see nor change the gradients it uses. Watch a first-order optimizer "
+                "(SGD, Adam, ...) that steps after loss.backward()."
+            )
+    return optimizers
+
+
+def _needs_closure(optimizer: torch.optim.Optimizer) -> bool:
+    """LBFGS and any optimizer whose ``step`` requires a closure."""
+    if isinstance(optimizer, torch.optim.LBFGS):
+        return True
+    try:
+        closure = inspect.signature(type(optimizer).step).parameters.get("closure")
+    except (TypeError, ValueError):
+        return False
+    return closure is not None and closure.default is inspect.Parameter.empty
+
+
+def _check_model(model: Any, optimizers: list[torch.optim.Optimizer]) -> None:
+    if model is None:
+        return
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"gradwatch.watch needs a torch.nn.Module as model. Received {type(model).__name__}.")
+    owned = {id(p) for p in unwrap(model).parameters()}  # type: ignore[union-attr]
+    if not owned:
+        raise ValueError(
+            f"gradwatch.watch: the model ({type(model).__name__}) has no parameters, so there are no "
+            "gradients to watch. Pass the model the optimizer trains (or model=None to name "
+            "parameters by position)."
+        )
+    held = [id(p) for opt in optimizers for group in opt.param_groups for p in group["params"]]
+    if not any(i in owned for i in held):
+        raise ValueError(
+            f"gradwatch.watch: the optimizer holds none of the model's {len(owned)} parameters "
+            f"(it holds {len(held)} others), so it does not train this model. Pass the optimizer built "
+            "from this model's parameters (torch.optim.Adam(model.parameters()))."
+        )
 
 
 class Watch:
-    """The handle :func:`gradwatch.watch` returns. See :func:`gradwatch.integrations.torch.watch`
-    for the arguments.
+    """Watch the gradients of ``model`` as ``optimizer`` trains it, and apply remedies.
+
+    What :func:`gradwatch.watch` returns. The options are the same keywords, with the same
+    meaning, as those of the Lightning, Hugging Face and Keras callbacks (docs/api.md).
+
+    Args:
+        model: The model (names layers by their ``named_modules`` path). May be None: parameters
+            are then named ``optimizer0.param3``.
+        optimizer: The optimizer, or a list of optimizers that step together after the same
+            ``backward()`` (a GAN's generator and discriminator step after different backward
+            passes: watch each pair separately). Not LBFGS or another optimizer whose ``step``
+            evaluates a closure: its gradients are computed where gradwatch cannot see them.
+        policy: ``"auto"`` (skip non-finite steps, clip and decay the LR on explosions, recommend
+            BatchNorm where gradients vanish), ``"observe"`` (never touch training) or a
+            :class:`gradwatch.Policy`. Defaults to ``"auto"``.
+        scaler: The ``torch.amp.GradScaler`` in use, so that the steps it skips are counted.
+            Defaults to None.
+        every: Measure every N optimizer steps. On the other steps only the standing controls
+            that need no measurement apply (LR factor, clip level); a non-finite gradient there is
+            not seen and not skipped. Defaults to 1.
+        strict: Raise gradwatch's own internal errors instead of warning once and stopping.
+            Defaults to False.
+        names: How layers are named: None (the module path), a mapping from module path to a name,
+            or a function of the module path. Defaults to None.
+        rollback_every: Keep a copy of the parameters and optimizer state, refreshed every N
+            healthy measured steps, and restore it when the parameters turn non-finite. Costs one
+            copy of the parameters and of the optimizer state. Defaults to None (no rollback).
+        param_norm_every: Measure the parameter norms (for the vanishing detector's
+            ``||g|| / ||W||``) every N measured steps, reusing the last values in between (they
+            change slowly), and in any case on a step with a non-finite gradient or loss (to see
+            non-finite parameters) and before a rollback snapshot. 1: every measured step; 0:
+            never. Defaults to 10.
+        sinks: Where else this run's numbers, findings and actions go:
+            :class:`gradwatch.sinks.Sink` objects or file paths (JSON Lines), attached to this
+            watch's monitor only. Defaults to None.
+        monitor: A :class:`gradwatch.Monitor` to use instead of a new one (custom detectors,
+            history length); its own policy is used and ``policy`` is ignored. Defaults to None.
+        distributed: Measure across the ranks of ``torch.distributed`` (DDP, FSDP, FSDP2): one
+            small collective per measured step, so every rank sees the global norms and takes the
+            same decision; only rank 0 emits events (sinks, reports). None: when
+            ``torch.distributed`` is initialised with more than one rank; False: this process
+            alone. Every rank must watch and step together. See docs/distributed.md.
+            Defaults to None.
+
+    Raises:
+        TypeError: for an optimizer, model or scaler of the wrong type, or an optimizer that steps
+            with a closure (LBFGS).
+        ValueError: for ``every`` or ``rollback_every`` below 1, a model without parameters, or an
+            optimizer that holds none of the model's parameters.
+        RuntimeError: for a model or optimizer already watched by another live handle, or
+            ``distributed=True`` without an initialised process group.
 
     Attributes:
         monitor: The :class:`gradwatch.Monitor` judging the run.
-        params: The measured parameters and their layout (:class:`TorchParams`).
-        step: Optimizer steps seen so far (including steps GradScaler skipped).
+        driver: The :class:`~gradwatch.integrations.torch.driver.StepDriver` doing each step.
+        sinks: The sinks attached to the monitor.
+        removed: True once :meth:`remove` ran.
     """
+
+    removed: bool
 
     def __init__(
         self,
@@ -47,73 +160,71 @@ class Watch:
         names: LayerNames = None,
         rollback_every: int | None = None,
         param_norm_every: int = 10,
+        sinks: Any = None,
         monitor: Monitor | None = None,
         distributed: bool | None = None,
     ) -> None:
-        if isinstance(optimizer, torch.optim.Optimizer):
-            optimizers = [optimizer]
-        else:
-            try:
-                optimizers = list(optimizer) if optimizer is not None and not isinstance(optimizer, str) else []
-            except TypeError:
-                optimizers = []
-        if not optimizers or not all(isinstance(o, torch.optim.Optimizer) for o in optimizers):
-            raise TypeError(
-                "gradwatch.watch(model, optimizer) needs a torch.optim.Optimizer or a list of them. "
-                f"Received optimizer={optimizer!r}."
-            )
-        if model is not None and not isinstance(model, torch.nn.Module):
-            raise TypeError(f"gradwatch.watch needs a torch.nn.Module as model. Received {type(model).__name__}.")
-        if not isinstance(every, int) or every < 1:
-            raise ValueError(f"every must be an int >= 1 (measure every N optimizer steps). Received every={every!r}.")
-        self._rollbacks = Rollbacks(rollback_every)  # validates rollback_every
-        if not isinstance(param_norm_every, int) or param_norm_every < 0:
-            raise ValueError(
-                "param_norm_every must be an int >= 0 (0: never measure parameter norms). "
-                f"Received param_norm_every={param_norm_every!r}."
-            )
+        optimizers = _optimizers(optimizer)
+        _check_model(model, optimizers)
         if scaler is not None and not hasattr(scaler, "_per_optimizer_states"):
             raise TypeError(f"scaler must be a torch.amp.GradScaler. Received {type(scaler).__name__}.")
+        for watched in [model, *optimizers]:
+            other = _WATCHED.get(watched) if watched is not None else None
+            if other is not None and not other.removed:
+                what = "model" if watched is model else "optimizer"
+                raise RuntimeError(
+                    f"This {what} ({type(watched).__name__}) is already watched by another gradwatch.watch "
+                    "handle, which would see gradients this one had already clipped. Use that handle, or "
+                    "call its .remove() first."
+                )
         self.model = model
         self.optimizers = optimizers
-        self.monitor = monitor if monitor is not None else Monitor(policy=policy, framework="torch")
-        # DDP / FSDP: one collective per measured step, the same decision on every rank.
-        self._dist = torch_distributed.attach(self.monitor, model) if torch_distributed.active(distributed) else None
-        self.every = every
-        self.strict = strict
-        self.names = names
-        self.rollback_every = rollback_every
-        self.param_norm_every = param_norm_every
-        self._param_norm: Any = None  # the last measured parameter norms (numpy), reused in between
-        self._measured = 0
-        self._controls = self.monitor.controls  # the standing orders, refreshed by each decision
         self.scaler = scaler
-        self.params: TorchParams = build_layout(model, optimizers, names=names)
-        self.step = 0
-        self._lr = LRScale()
-        self._loss: Any = None
-        self._loss_count = 0
+        self.monitor = monitor if monitor is not None else Monitor(policy=policy, framework="torch")
+        self.failsafe = FailSafe(strict=strict, owner="gradwatch.watch")
+        self.driver = StepDriver(
+            self.monitor, model=model, optimizers=optimizers, failsafe=self.failsafe, every=every,
+            names=names, rollback_every=rollback_every, param_norm_every=param_norm_every,
+            distributed=distributed,
+        )
+        self.sinks: list[Sink] = [s.attach(self.monitor) for s in resolve_sinks(sinks)]
+        self.strict = strict
         self._round: set[int] = set()
         self._fired_since_update: set[int] = set()
-        self._active = True
-        self._removed = False
-        self._failed: BaseException | None = None
+        self.removed = False
         self._handles: list[Any] = []
         for k, opt in enumerate(optimizers):
             self._handles.append(opt.register_step_pre_hook(self._make_pre_hook(k)))
-            self._handles.append(opt.register_step_post_hook(self._make_post_hook(k)))
+            self._handles.append(opt.register_step_post_hook(self._make_post_hook()))
         self._scaler_update: Any = None
         if scaler is not None:
             original = scaler.update
 
             def update(new_scale: Any = None) -> None:
-                self._guard(self._before_scaler_update)
+                self.failsafe.guard(self._before_scaler_update)
                 return original(new_scale)
 
             scaler.update = update
             self._scaler_update = update
+        for watched in [model, *optimizers]:
+            if watched is not None:
+                _WATCHED[watched] = self
 
     # -- public ---------------------------------------------------------------------------------
+
+    @property
+    def params(self) -> TorchParams:
+        """The measured parameters and their layout."""
+        return self.driver.params
+
+    @property
+    def step(self) -> int:
+        """Optimizer steps seen so far (including steps GradScaler skipped)."""
+        return self.driver.step
+
+    @property
+    def every(self) -> int:
+        return self.driver.every
 
     def record_loss(self, loss: Any) -> None:
         """Record the loss of the coming optimizer step (enables ``loss_spike``). No host sync:
@@ -122,22 +233,13 @@ class Watch:
         ``optimizer.step()``.
 
         Args:
-            loss: A scalar tensor or a number.
+            loss: A scalar tensor (one element) or a real number.
+
+        Raises:
+            TypeError: for anything else, such as a string or a per-sample loss tensor (pass
+                ``loss.mean()``).
         """
-        if not self._active:
-            return
-        try:
-            value: Any
-            if isinstance(loss, torch.Tensor):
-                value = loss.detach()
-                if value.dim() != 0 or value.dtype != torch.float32:
-                    value = value.float().reshape(-1)[0]
-            else:
-                value = float(loss)
-            self._loss = value if self._loss is None else self._loss + value
-            self._loss_count += 1
-        except Exception as exc:  # never break training
-            self._fail(exc)
+        self.driver.record_loss(loss)
 
     def report(self) -> Report:
         """The run's :class:`gradwatch.Report` so far."""
@@ -145,36 +247,39 @@ class Watch:
 
     @property
     def healthy(self) -> bool:
+        """No finding of severity warning or error so far."""
         return self.monitor.healthy
 
     @property
     def lr_factor(self) -> float:
         """The learning-rate factor in force over the user's schedule (1.0: untouched)."""
-        return float(self._controls.lr_factor)
+        return float(self.monitor.controls.lr_factor)
 
     def remove(self) -> None:
         """Remove the hooks, put the LR schedule back as the user set it and free the snapshot.
-        The first call also hands the final report to the ``gradwatch_on_report`` plugins. Safe to
-        call twice."""
-        if self._removed:
+        The first call also hands the final report to the ``gradwatch_on_report`` plugins and
+        closes the sinks. Safe to call twice."""
+        if self.removed:
             return
-        self._removed = True
-        self._active = False
+        self.removed = True
         for handle in self._handles:
             handle.remove()
         self._handles = []
         for opt in self.optimizers:
-            self._lr.restore(opt)
+            self.driver.restore_lr(opt)
         if self.scaler is not None and self.scaler.__dict__.get("update") is self._scaler_update:
             del self.scaler.__dict__["update"]
-        self._rollbacks.forget()
-        self._loss = None
+        self.driver.close()
         try:
             self.monitor.finish()
         except Exception as exc:
-            if self.strict:
-                raise
-            warnings.warn(GradwatchWarning(f"gradwatch could not finish its report: {exc!r}"), stacklevel=2)
+            self.failsafe.fail(exc)
+        self.failsafe.stop()
+        for sink in self.sinks:
+            sink.close()
+        for watched in [self.model, *self.optimizers]:
+            if watched is not None and _WATCHED.get(watched) is self:
+                del _WATCHED[watched]
 
     def __enter__(self) -> Watch:
         return self
@@ -190,11 +295,7 @@ class Watch:
         Returns:
             The state.
         """
-        return {
-            "monitor": self.monitor.state_dict(), "step": self.step, "every": self.every,
-            "measured": self._measured, "healthy_since_snapshot": self._rollbacks.healthy_since,
-            "param_norm": None if self._param_norm is None else [float(x) for x in self._param_norm],
-        }
+        return self.driver.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue a run from :meth:`state_dict`: same history, same remedy state (clip level,
@@ -206,138 +307,53 @@ class Watch:
         Raises:
             ValueError: if ``state`` is not a watch state.
         """
-        if not isinstance(state, dict) or "monitor" not in state or "step" not in state:
-            raise ValueError(
-                "Watch.load_state_dict expects what Watch.state_dict() returned (a dict with "
-                f"'monitor' and 'step'). Received {type(state).__name__}"
-                + (f" with keys {sorted(state)}." if isinstance(state, dict) else ".")
-            )
-        self.monitor.load_state_dict(state["monitor"])
-        self._controls = self.monitor.controls
-        self.step = int(state["step"])
-        self._rollbacks.healthy_since = int(state.get("healthy_since_snapshot", 0))
-        self._measured = int(state.get("measured", 0))
-        saved = state.get("param_norm")
-        self._param_norm = None if saved is None else np.array(saved, dtype=np.float64)
-        if self.monitor.layout is not None and self.monitor.layout == self.params.layout:
-            self.params.layout = self.monitor.layout  # the same object: no comparison per step
+        self.driver.load_state_dict(state, owner="Watch")
 
     # -- hooks ----------------------------------------------------------------------------------
 
     def _make_pre_hook(self, k: int) -> Any:
         def pre_hook(optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
-            if self._active:
-                self._guard(self._pre_step, k, optimizer)
+            if self.failsafe.active:
+                # args holds the optimizer itself, then step's own positional arguments.
+                if (len(args) > 1 and args[1] is not None) or kwargs.get("closure") is not None:
+                    self.failsafe.refuse(
+                        f"gradwatch stopped watching: {type(optimizer).__name__}.step(closure) recomputes "
+                        "the gradients inside step(), after gradwatch's pre-step hook, so gradwatch can "
+                        "neither see nor change the gradients it uses. Training goes on unchanged. Call "
+                        "loss.backward() before optimizer.step() without a closure to watch this run."
+                    )
+                    return
+                self.failsafe.guard(self._pre_step, k, optimizer)
 
         return pre_hook
 
-    def _make_post_hook(self, k: int) -> Any:
+    def _make_post_hook(self) -> Any:
         def post_hook(optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
-            if self._lr.active:
-                self._guard(self._lr.restore, optimizer)
+            try:  # also after monitoring stopped: the user's LR must come back
+                self.driver.restore_lr(optimizer)
+            except Exception as exc:
+                self.failsafe.fail(exc)
 
         return post_hook
-
-    def _guard(self, fn: Any, *args: Any) -> Any:
-        try:
-            return fn(*args)
-        except Exception as exc:
-            self._fail(exc)
-            return None
-
-    def _fail(self, exc: BaseException) -> None:
-        if self.strict:
-            raise exc
-        if self._dist is not None and self._active:
-            # Every rank stops together: now if this rank owes the step's collective, else at the
-            # next one (rank 0 warns). See gradwatch.integrations.torch_distributed.
-            self._failed = self._failed or exc
-            if not self._dist.fail(exc, len(self.params)):
-                return
-        elif self._failed is None:
-            self._failed = exc
-            warnings.warn(
-                GradwatchWarning(
-                    f"gradwatch hit an internal error and stopped monitoring; training goes on "
-                    f"unchanged: {type(exc).__name__}: {exc}. Pass strict=True to raise instead."
-                ),
-                stacklevel=3,
-            )
-        self._active = False
-        self._loss = None
 
     def _pre_step(self, k: int, optimizer: torch.optim.Optimizer) -> None:
         self._fired_since_update.add(k)
         if k in self._round or not self._round:
             self._round = set()
-            self._begin_step(optimizer)
+            found_inf = getattr(optimizer, "found_inf", None)  # a fused optimizer under GradScaler
+            self.driver.before_optimizer_step(
+                grad_scale=getattr(optimizer, "grad_scale", None),
+                # The fused kernel will skip this step on its own: a scaler skip, not an explosion.
+                skipped=found_inf is not None and float(found_inf) > 0,
+            )
         self._round.add(k)
-        if self._active:
-            self._lr.apply(optimizer, self._controls.lr_factor)
-
-    def _begin_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Start of one optimizer step (the first optimizer of a round): measure, decide, act."""
-        step = self.step
-        self.step += 1
-        loss, count = self._loss, self._loss_count
-        self._loss, self._loss_count = None, 0
-        grad_scale = getattr(optimizer, "grad_scale", None)  # fused optimizer under GradScaler
-        found_inf = getattr(optimizer, "found_inf", None)
-        if found_inf is not None and float(found_inf) > 0:
-            # The fused kernel will skip this step on its own: a scaler skip, not an explosion.
-            self.monitor.note_skipped(step, "grad_scaler")
-            return
-        if self._dist is not None and step % self.every == 0:
-            self._dist.owe()  # from here on this rank owes the step's collective, even if it fails
-        if self.params.stale(self.optimizers):
-            rebuilt = build_layout(self.model, self.optimizers, names=self.names)
-            if rebuilt.layout == self.params.layout:
-                rebuilt.layout = self.params.layout
-            self.params = rebuilt
-            self._rollbacks.forget()
-        params = self.params.params
-        controls = self._controls
-        if step % self.every != 0:
-            # Unmeasured: only the standing clip applies (on the device, no sync). A non-finite
-            # step here cannot be seen, so it cannot be skipped: see docs/torch.md, "every".
-            if controls.clip_norm != float("inf"):
-                clip_grads(params, controls.clip_norm, grad_scale=grad_scale, guard_nonfinite=True)
-            return
-        if count > 1 and loss is not None:
-            loss = loss / count
-        measure_step: Any = measure if self._dist is None else self._dist.measure
-        stats = measure_step(
-            self.params, step, loss=loss, lr=self._lr.effective_lr(self.optimizers[0], controls.lr_factor),
-            grad_scale=grad_scale, param_norms=self._param_norms_now(),
-        )
-        if stats is None:  # gradwatch failed on some rank: every rank stops at this same step
-            self._active = False
-            self._loss = None
-            return
-        self._measured += 1
-        if stats.params_measured:
-            self._param_norm = stats.param_norm
-        can_rollback = self._rollbacks.can_rollback
-        decision: Decision = self.monitor.observe(stats, immediate=True, can_rollback=can_rollback)
-        # A plugin (select_actions) may have changed the decision's factor: the decision rules.
-        self._controls = dataclasses.replace(decision.controls, lr_factor=decision.lr_factor)
-        apply_decision(decision, params, grad_scale=grad_scale, snapshot=self._rollbacks.snapshot)
-        self._rollbacks.after(step, stats, decision, params, self.optimizers)
-
-    def _param_norms_now(self) -> Any:
-        """True to measure parameter norms on this step, else the last values (or False)."""
-        if self.param_norm_every == 0:
-            return False
-        snapshot_due = self._rollbacks.due
-        stale = self._param_norm is None or len(self._param_norm) != len(self.params)
-        if stale or snapshot_due or self._measured % self.param_norm_every == 0:
-            return True
-        return self._param_norm
+        if self.failsafe.active:
+            self.driver.apply_lr(optimizer)
 
     def _before_scaler_update(self) -> None:
         """GradScaler.update: an optimizer that the scaler stepped but whose pre-hook did not fire
         had its step skipped (inf/NaN in the scaled gradients)."""
-        if not self._active:
+        if not self.failsafe.active:
             return
         fired = self._fired_since_update
         self._fired_since_update = set()
@@ -348,10 +364,5 @@ class Watch:
             if state and getattr(state.get("stage"), "name", "") == "STEPPED":
                 stepped = True
         if stepped and not fired:
-            self.monitor.note_skipped(self.step, "grad_scaler")
-            self.step += 1
+            self.driver.note_scaler_skip()
             self._round = set()
-            self._loss, self._loss_count = None, 0
-
-
-__all__ = ["Watch"]

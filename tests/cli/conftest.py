@@ -43,7 +43,7 @@ class CheckRun:
 
     def failed_cases(self) -> set[str]:
         root = ET.parse(self.junit_path).getroot()
-        return {case.get("name") for case in root.iter("testcase") if case.find("failure") is not None}
+        return {str(case.get("name")) for case in root.iter("testcase") if case.find("failure") is not None}
 
 
 @pytest.fixture

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-keras = pytest.importorskip("keras")
+pytest.importorskip("keras")
+import keras  # noqa: E402
+
 pytest.importorskip("gradwatch.integrations.keras")
 
 

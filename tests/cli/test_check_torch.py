@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
-torch = pytest.importorskip("torch")
+pytest.importorskip("torch")
+import torch  # noqa: E402
+
 pytest.importorskip("gradwatch.integrations.torch")
 
 from gradwatch import BadTargetError, Report  # noqa: E402

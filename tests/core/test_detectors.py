@@ -1,5 +1,5 @@
 """Each detector fires on its pathology within a documented number of steps and stays silent on
-every healthy stream, including the traps of DESIGN.md point 6."""
+every healthy stream, including the traps of docs/design.md ("what healthy looks like")."""
 
 from __future__ import annotations
 

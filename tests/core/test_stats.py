@@ -95,10 +95,11 @@ def test_stepstats_to_dict_is_json_friendly():
     import json
 
     layout = Layout.from_names(["a.weight"])
-    s = StepStats(step=3, layout=layout, grad_norm=[np.nan], loss=float("nan"))
+    s = StepStats(step=3, layout=layout, grad_norm=[np.nan], param_norm=[np.inf], loss=float("nan"), lr=float("inf"))
     d = s.to_dict()
     json.dumps(d, allow_nan=False)
-    assert d["grad_norm"] == [None] and d["loss"] == "nan"
+    assert d["grad_norm"] == [None] and d["param_norm"] == ["inf"]  # the convention of reports and sinks
+    assert d["loss"] is None and d["lr"] == "inf"
 
 
 @pytest.mark.parametrize(

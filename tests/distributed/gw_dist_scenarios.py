@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import torch
-from gradwatch.integrations.torch import watch
 from torch import nn
 
+from gradwatch.integrations.torch import watch
 from gradwatch.sinks import Sink
 
 
@@ -28,7 +28,8 @@ def mlp(seed: int = 0, *, act: type[nn.Module] = nn.ReLU, depth: int = 2, width:
     model = nn.Sequential(*layers)
     if act is nn.ReLU:
         with torch.no_grad():
-            model[0].bias[3] = -1e3  # one dead unit: its weight row's gradient is exactly zero
+            first: Any = model[0]
+            first.bias[3] = -1e3  # one dead unit: its weight row's gradient is exactly zero
     return model
 
 
@@ -42,7 +43,7 @@ def shard(t: torch.Tensor, rank: int, world: int) -> torch.Tensor:
     return t.chunk(world)[rank]
 
 
-def wrap(kind: str, model: nn.Module) -> nn.Module:
+def wrap(kind: str, model: nn.Sequential) -> nn.Module:
     if kind == "ddp":
         return nn.parallel.DistributedDataParallel(model)
     from torch.distributed.fsdp import fully_shard
@@ -88,7 +89,7 @@ def loop(model: nn.Module, opt: torch.optim.Optimizer, w: Any, batches: Callable
         micro = batches(t)
         for k, (x, y) in enumerate(micro):
             last = k == len(micro) - 1
-            ctx = model.no_sync() if (no_sync and not last) else _null()
+            ctx = getattr(model, "no_sync")() if (no_sync and not last) else _null()  # noqa: B009 - DDP only
             with ctx:
                 loss = nn.functional.mse_loss(model(x), y) / len(micro)
                 loss.backward()
@@ -239,7 +240,6 @@ def fsdp1_norms(rank: int, world: int) -> dict[str, Any]:
 def fsdp_clip(rank: int, world: int) -> dict[str, Any]:
     """gradwatch's clip of FSDP2 (DTensor) gradients equals torch's clip_grad_norm_."""
     from gradwatch.integrations.torch import apply_decision
-
     from gradwatch.policy import Decision
 
     x, y = data()
@@ -252,7 +252,7 @@ def fsdp_clip(rank: int, world: int) -> dict[str, Any]:
             torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1)
         else:
             apply_decision(Decision(step=0, clip_norm=0.1), list(model.parameters()))
-        grads.append([p.grad.full_tensor().reshape(-1).tolist() for p in model.parameters()])
+        grads.append([cast(Any, p.grad).full_tensor().reshape(-1).tolist() for p in model.parameters()])
     return {"torch": grads[0], "gradwatch": grads[1]}
 
 
@@ -300,7 +300,7 @@ def _nan_one_rank(kind: str, rank: int, world: int) -> dict[str, Any]:
         local_nan[len(local_nan)] = not all(bool(torch.isfinite(g).all()) for g in local)
 
     handle = opt.register_step_pre_hook(probe)
-    sink = Recorder().register()
+    sink: Any = Recorder().register()
     try:
         with watch(model, opt) as w:
             counts = record_nonfinite(w)
@@ -366,7 +366,7 @@ def _failing(kind: str, rank: int, world: int, where: str) -> dict[str, Any]:
     def before_step(t: int) -> None:
         if t == 2 and rank == 1:
             if where == "measure":
-                w._dist._local = boom
+                w.driver._dist._local = boom
             elif where == "before":  # in the watch, before the step's collective
                 object.__setattr__(w.params, "stale", boom)
             else:
@@ -380,7 +380,7 @@ def _failing(kind: str, rank: int, world: int, where: str) -> dict[str, Any]:
         w.record_loss(loss)
         before_step(t)
         opt.step()
-    active = w._active
+    active = w.failsafe.active
     w.remove()
     return {"measured": w.report().steps_measured, "active": active, "params": full_params(model), "steps": steps}
 
@@ -416,9 +416,10 @@ def fsdp_fail_measure(rank: int, world: int) -> dict[str, Any]:
 def dtensor_placements(rank: int, world: int) -> dict[str, Any]:
     """DTensor gradients placed Replicate, Shard(0), Shard(1) and Partial: the measured norms are
     those of the full tensors, the same on every rank; dead units only where rows are whole."""
-    from gradwatch.integrations.torch import DistributedMeasure, build_layout
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
+
+    from gradwatch.integrations.torch import DistributedMeasure, build_layout
 
     mesh = init_device_mesh("cpu", (world,))
     torch.manual_seed(0)
@@ -448,7 +449,7 @@ def dtensor_placements(rank: int, world: int) -> dict[str, Any]:
         "grad_norm": stats.grad_norm.tolist(),
         "expected": [float(full_grads[n].norm()) for n in names],
         "param_norm": stats.param_norm.tolist(),
-        "expected_param": [float(dict(model.named_parameters())[n].full_tensor().norm()) for n in names],
+        "expected_param": [float(cast(Any, dict(model.named_parameters())[n]).full_tensor().norm()) for n in names],
         "zero_fraction": stats.zero_fraction.tolist(),
         "loss": stats.loss,
     }

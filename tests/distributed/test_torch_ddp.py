@@ -6,8 +6,12 @@ import math
 
 import pytest
 
-torch = pytest.importorskip("torch")
-dist = pytest.importorskip("torch.distributed")
+pytest.importorskip("torch")
+import torch  # noqa: E402
+
+pytest.importorskip("torch.distributed")
+import torch.distributed as dist  # noqa: E402
+
 if not dist.is_available() or not dist.is_gloo_available():
     pytest.skip("torch.distributed with the gloo backend is not available", allow_module_level=True)
 
@@ -122,4 +126,4 @@ def test_distributed_true_needs_an_initialised_process_group():
     with pytest.raises(RuntimeError, match="init_process_group"):
         watch(model, opt, distributed=True)
     with watch(model, opt) as w:  # not distributed: measured in this process alone
-        assert w._dist is None
+        assert w.driver._dist is None

@@ -10,8 +10,12 @@ import math
 
 import pytest
 
-torch = pytest.importorskip("torch")
-dist = pytest.importorskip("torch.distributed")
+pytest.importorskip("torch")
+import torch  # noqa: E402
+
+pytest.importorskip("torch.distributed")
+import torch.distributed as dist  # noqa: E402
+
 if not dist.is_available() or not dist.is_gloo_available():
     pytest.skip("torch.distributed with the gloo backend is not available", allow_module_level=True)
 try:

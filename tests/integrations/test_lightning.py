@@ -9,14 +9,16 @@ from collections import OrderedDict
 
 import pytest
 
-torch = pytest.importorskip("torch")
-pl = pytest.importorskip("lightning.pytorch")
+pytest.importorskip("torch")
+import torch  # noqa: E402
 
-from gradwatch.integrations.lightning import GradWatch  # noqa: E402
+pytest.importorskip("lightning.pytorch")
+import lightning.pytorch as pl  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
 import gradwatch  # noqa: E402
+from gradwatch.integrations.lightning import GradWatch  # noqa: E402
 from gradwatch.sinks import JsonlSink, read_jsonl  # noqa: E402
 
 torch.set_num_threads(1)
@@ -294,3 +296,11 @@ def test_fp16_grad_scaler_overflows_are_counted_as_skipped_not_findings():
     assert report.skipped_steps >= 1 and report.steps_measured + report.skipped_steps == 12
     assert report.healthy and "nonfinite" not in report.finding_counts
     assert not [w for w in caught if "gradwatch" in str(w.message)]
+
+
+def test_param_norms_is_the_old_name_of_param_norm_every():
+    with pytest.warns(DeprecationWarning, match=r"GradWatch\(param_norm_every=1\)"):
+        assert GradWatch(param_norms=True).param_norm_every == 1
+    assert GradWatch().param_norm_every == 10
+    with pytest.raises(ValueError, match="every must be an int >= 1"):
+        GradWatch(every=True)

@@ -13,12 +13,11 @@ pytest.importorskip("tensorboard")
 # to its TF-free stub (otherwise EventAccumulator imports TensorFlow, ~4 s, when it is installed).
 sys.modules.setdefault("tensorboard.compat.notf", types.ModuleType("tensorboard.compat.notf"))
 
-from gradwatch.sinks import TensorBoardSink  # noqa: E402
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
 
 import gradwatch  # noqa: E402
 from gradwatch.plugins import Hooks, make_plugin_manager  # noqa: E402
-from gradwatch.sinks import grouped_grad_norms  # noqa: E402
+from gradwatch.sinks import TensorBoardSink, grouped_grad_norms  # noqa: E402
 from gradwatch.testing import nan_at  # noqa: E402
 
 

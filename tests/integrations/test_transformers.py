@@ -5,14 +5,18 @@ from __future__ import annotations
 import json
 import math
 import warnings
+from typing import Any
 
 import pytest
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+pytest.importorskip("torch")
+import torch  # noqa: E402
+
+pytest.importorskip("transformers")
+import transformers  # noqa: E402
+
 pytest.importorskip("accelerate")
 
-from gradwatch.integrations.transformers import GradWatchCallback  # noqa: E402
 from transformers import (  # noqa: E402
     BertConfig,
     BertForSequenceClassification,
@@ -22,6 +26,7 @@ from transformers import (  # noqa: E402
 )
 
 import gradwatch  # noqa: E402
+from gradwatch.integrations.transformers import GradWatch  # noqa: E402
 
 torch.set_num_threads(1)
 transformers.utils.logging.set_verbosity_error()
@@ -45,11 +50,12 @@ class Tokens(torch.utils.data.Dataset):
 
 def tiny_bert(regression: bool = False, cls=BertForSequenceClassification):
     torch.manual_seed(0)
-    config = BertConfig(
+    settings: dict[str, Any] = dict(
         vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
         max_position_embeddings=32, num_labels=1 if regression else 2,
         problem_type="regression" if regression else "single_label_classification",
     )
+    config = BertConfig(**settings)
     return cls(config)
 
 
@@ -92,7 +98,7 @@ def gradwatch_warnings(caught) -> list[str]:
 
 
 def test_healthy_run_is_silent_and_bit_for_bit_the_unwatched_run(tmp_path):
-    watched, gw = tiny_bert(), GradWatchCallback()
+    watched, gw = tiny_bert(), GradWatch()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer = train(watched, [gw], tmp_path, steps=40, lr=5e-4)
@@ -119,7 +125,7 @@ def test_an_injected_lr_of_1e3_is_caught_and_kept_finite(tmp_path):
     assert not all(torch.isfinite(p).all() for p in plain.parameters())
     assert all(math.isfinite(v) for v in plain_log.losses)  # the filter hid it
 
-    model, gw, log = tiny_bert(regression=True), GradWatchCallback(), LoggedLosses()
+    model, gw, log = tiny_bert(regression=True), GradWatch(), LoggedLosses()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         train(model, [InjectLR(25, 1e3), gw, log], tmp_path, steps=50, lr=0.05, optim="sgd",
@@ -140,7 +146,7 @@ def test_an_injected_lr_of_1e3_is_caught_and_kept_finite(tmp_path):
 def test_an_injected_lr_of_1e3_is_rescued_with_rollback(tmp_path):
     """With snapshots (rollback_every=1) auto undoes the update made at the jumped LR and brings
     the LR back to where the run was healthy: the run ends below its first loss."""
-    model, gw = tiny_bert(regression=True), GradWatchCallback(rollback_every=1)
+    model, gw = tiny_bert(regression=True), GradWatch(rollback_every=1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         train(model, [InjectLR(25, 1e3), gw], tmp_path, steps=50, lr=0.05, optim="sgd",
@@ -172,7 +178,7 @@ class PoisonedBert(BertForSequenceClassification):
 
 
 def test_a_nan_loss_is_counted_and_reported_though_the_logged_loss_hides_it(tmp_path):
-    model, gw = tiny_bert(cls=PoisonedBert), GradWatchCallback()
+    model, gw = tiny_bert(cls=PoisonedBert), GradWatch()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer = train(model, [gw], tmp_path, steps=20, lr=5e-4)
@@ -190,15 +196,15 @@ def test_a_nan_loss_is_counted_and_reported_though_the_logged_loss_hides_it(tmp_
 
 
 def test_state_round_trip_and_internal_errors(tmp_path, monkeypatch):
-    gw = GradWatchCallback()
+    gw = GradWatch()
     train(tiny_bert(), [gw], tmp_path, steps=3, lr=5e-4)
     saved = json.loads(json.dumps(gw.state()))  # as the Trainer keeps it, in trainer_state.json
-    assert saved["args"] == {"policy": "auto", "every": 1, "param_norms": True, "strict": False}
-    restored = GradWatchCallback(**saved["args"])
+    assert saved["args"] == {"policy": "auto", "every": 1, "param_norm_every": 10, "strict": False}
+    restored = GradWatch(**saved["args"])
     restored.gradwatch_state = saved["attributes"]["gradwatch_state"]  # what Trainer does on resume
     assert restored.report().to_dict() == gw.report().to_dict() and restored.step == 3
 
-    broken = GradWatchCallback()
+    broken = GradWatch()
     monkeypatch.setattr(broken.monitor, "observe", lambda *a, **k: 1 / 0)
     with pytest.warns(gradwatch.GradwatchWarning, match="stopped monitoring"):
         trainer = train(tiny_bert(), [broken], tmp_path, steps=4, lr=5e-4)
@@ -206,7 +212,7 @@ def test_state_round_trip_and_internal_errors(tmp_path, monkeypatch):
 
 
 def test_resume_from_a_real_checkpoint_continues_the_monitor(tmp_path):
-    gw = GradWatchCallback()
+    gw = GradWatch()
     train(tiny_bert(), [gw], tmp_path, steps=6, lr=5e-4, save_strategy="steps", save_steps=6)
     checkpoint = tmp_path / "out" / "checkpoint-6"
     assert (checkpoint / "trainer_state.json").exists()
@@ -216,9 +222,9 @@ def test_resume_from_a_real_checkpoint_continues_the_monitor(tmp_path):
         lr_scheduler_type="constant", report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True,
         seed=0, data_seed=0, restore_callback_states_from_checkpoint=True,
     )
-    trainer = Trainer(model=tiny_bert(), args=args, train_dataset=Tokens(), callbacks=[GradWatchCallback()])
+    trainer = Trainer(model=tiny_bert(), args=args, train_dataset=Tokens(), callbacks=[GradWatch()])
     trainer.train(resume_from_checkpoint=str(checkpoint))
-    (live,) = [cb for cb in trainer.callback_handler.callbacks if isinstance(cb, GradWatchCallback)]
+    (live,) = [cb for cb in trainer.callback_handler.callbacks if isinstance(cb, GradWatch)]
     report = live.report()
     assert live.step == 9 and report.steps_measured == 9 and report.first_step == 0 and report.healthy
     assert report.history["global_norm"][:6] == gw.report().history["global_norm"]
@@ -228,7 +234,7 @@ def test_with_every_2_a_nan_loss_on_an_unmeasured_step_is_still_counted(tmp_path
     class PoisonedOnStep13(PoisonedBert):
         poison_at = 13  # an odd step: not measured with every=2
 
-    gw = GradWatchCallback(every=2)
+    gw = GradWatch(every=2)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         train(tiny_bert(cls=PoisonedOnStep13), [gw], tmp_path, steps=20, lr=5e-4)
@@ -237,3 +243,13 @@ def test_with_every_2_a_nan_loss_on_an_unmeasured_step_is_still_counted(tmp_path
     # of unmeasured steps on the device, read at the end.
     assert gw.report().steps_measured == 10 and gw.micro_batches == 20 and gw.nonfinite_losses == 7
     assert any("7 of 20 micro-batch losses were NaN/Inf" in m for m in gradwatch_warnings(caught))
+
+
+def test_old_names_work_for_one_release_with_a_deprecation_warning():
+    from gradwatch.integrations import transformers as adapter
+
+    with pytest.warns(DeprecationWarning, match="GradWatchCallback is now GradWatch"):
+        old = adapter.GradWatchCallback
+    assert old is GradWatch
+    with pytest.warns(DeprecationWarning, match="param_norm_every=0"):
+        assert GradWatch(param_norms=False).param_norm_every == 0

@@ -6,12 +6,12 @@ import json
 
 import pytest
 
-wandb = pytest.importorskip("wandb")
-
-from gradwatch.sinks import WandbSink  # noqa: E402
+pytest.importorskip("wandb")
+import wandb  # noqa: E402
 
 import gradwatch  # noqa: E402
 from gradwatch.plugins import Hooks, make_plugin_manager  # noqa: E402
+from gradwatch.sinks import WandbSink  # noqa: E402
 from gradwatch.testing import nan_at  # noqa: E402
 
 

@@ -66,7 +66,7 @@ class FixedControls(Policy):
         self.skip, self.clip_norm, self.lr_factor = skip, clip_norm, lr_factor
 
     def init(self) -> PolicyState:
-        return PolicyState(self.skip, self.clip_norm, self.lr_factor, -(10**9), -1, (), ())
+        return PolicyState(skip_nonfinite=self.skip, clip_norm=self.clip_norm, lr_factor=self.lr_factor)
 
     def decide(self, findings, stats, state, *, can_rollback=False, immediate=True):
         return Decision(step=stats.step, controls=state.controls), state

@@ -10,8 +10,8 @@ import warnings
 import numpy as np
 import pytest
 
-keras = pytest.importorskip("keras")
-
+pytest.importorskip("keras")
+import keras  # noqa: E402
 from _keras_helpers import (  # noqa: E402
     BACKEND,
     classification_data,
@@ -21,10 +21,10 @@ from _keras_helpers import (  # noqa: E402
     record,
     same,
 )
-from gradwatch.integrations import keras as keras_adapter  # noqa: E402
 
 import gradwatch  # noqa: E402
 from gradwatch import AutoPolicy, GradWatch, GradwatchWarning, Report  # noqa: E402
+from gradwatch.integrations import keras as keras_adapter  # noqa: E402
 
 CE = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
@@ -48,7 +48,7 @@ def test_import_is_lazy_and_the_callback_is_a_keras_callback():
 
 @pytest.mark.parametrize("every", [0, -1, 1.5, True])
 def test_every_must_be_a_positive_integer(every):
-    with pytest.raises(ValueError, match="every >= 1"):
+    with pytest.raises(ValueError, match="every must be an int >= 1"):
         GradWatch(every=every)
 
 

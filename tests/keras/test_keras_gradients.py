@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-keras = pytest.importorskip("keras")
-
+pytest.importorskip("keras")
+import keras  # noqa: E402
 from _keras_helpers import BACKEND, classification_data, numpy_of, record  # noqa: E402
 
 from gradwatch import GradWatch  # noqa: E402

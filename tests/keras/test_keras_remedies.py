@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-keras = pytest.importorskip("keras")
-
+pytest.importorskip("keras")
+import keras  # noqa: E402
 from _keras_helpers import (  # noqa: E402
     BACKEND,
     FixedControls,

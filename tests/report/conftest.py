@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+from typing import Any
+
+import numpy as np
 import pytest
 
 from gradwatch import Layout, Monitor, Report, StepStats
@@ -8,7 +11,8 @@ from gradwatch.testing import STREAMS
 
 def run_stream(name: str, policy: str = "observe", **kwargs) -> Report:
     monitor = Monitor(policy=policy)
-    for stats in STREAMS[name](**kwargs):
+    stream: Any = STREAMS[name]
+    for stats in stream(**kwargs):
         monitor.observe(stats)
     return monitor.report()
 
@@ -20,7 +24,7 @@ def odd_names_report() -> Report:
     monitor = Monitor(policy="observe")
     for step in range(30):
         grad = [0.1, 0.1, float("nan") if step == 12 else 0.1]
-        monitor.observe(StepStats(step=step, layout=layout, grad_norm=grad, param_norm=[1.0, 1.0, 1.0], loss=1.0))
+        monitor.observe(StepStats(step=step, layout=layout, grad_norm=np.array(grad), param_norm=np.ones(3), loss=1.0))
     return monitor.report()
 
 

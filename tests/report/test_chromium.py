@@ -44,7 +44,7 @@ def test_probe_sees_broken_images_and_script_errors(tmp_path):
 
 
 def chromium(tmp_path, *args: str) -> subprocess.CompletedProcess:
-    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    cmd = [str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
            "--disable-background-networking", "--disable-component-update", "--disable-sync",
            f"--user-data-dir={tmp_path / 'profile'}", *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=90)

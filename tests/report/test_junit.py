@@ -10,7 +10,7 @@ from gradwatch import FINDING_KINDS, Finding, Report
 def cases(xml: str) -> dict[str, ET.Element]:
     root = ET.fromstring(xml.encode("utf-8"))
     assert root.tag == "testsuites"
-    return {case.get("name"): case for case in root.iter("testcase")}
+    return {str(case.get("name")): case for case in root.iter("testcase")}
 
 
 def test_healthy_run_passes_one_case_per_kind(make_report):

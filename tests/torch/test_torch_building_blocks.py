@@ -7,9 +7,12 @@ import math
 
 import pytest
 
-torch = pytest.importorskip("torch")
-
+pytest.importorskip("torch")
 import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from gw_torch_models import mlp, regression_data  # noqa: E402
+from torch import nn  # noqa: E402
+
 from gradwatch.integrations.torch import (  # noqa: E402
     LRScale,
     Snapshot,
@@ -18,8 +21,6 @@ from gradwatch.integrations.torch import (  # noqa: E402
     drop_grads,
     measure,
 )
-from gw_torch_models import mlp, regression_data  # noqa: E402
-from torch import nn  # noqa: E402
 
 
 class Mixed(nn.Module):

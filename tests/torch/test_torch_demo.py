@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-torch = pytest.importorskip("torch")
+pytest.importorskip("torch")
 
 from gradwatch.demo import run_demo  # noqa: E402
 

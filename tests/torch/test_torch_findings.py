@@ -7,8 +7,8 @@ from collections import OrderedDict
 
 import pytest
 
-torch = pytest.importorskip("torch")
-
+pytest.importorskip("torch")
+import torch  # noqa: E402
 from gw_torch_models import first_nonfinite, mlp, regression_data, same_params, train  # noqa: E402
 from torch import nn  # noqa: E402
 

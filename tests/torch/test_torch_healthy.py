@@ -6,8 +6,8 @@ import warnings
 
 import pytest
 
-torch = pytest.importorskip("torch")
-
+pytest.importorskip("torch")
+import torch  # noqa: E402
 from gw_torch_models import mlp, regression_data, same_params  # noqa: E402
 from torch import nn  # noqa: E402
 

@@ -11,13 +11,13 @@ import weakref
 
 import pytest
 
-torch = pytest.importorskip("torch")
-
-from gradwatch.integrations.torch import Watch  # noqa: E402
+pytest.importorskip("torch")
+import torch  # noqa: E402
 from gw_torch_models import mlp, regression_data, same_params, train  # noqa: E402
 from torch import nn  # noqa: E402
 
 import gradwatch  # noqa: E402
+from gradwatch.integrations.torch import Watch  # noqa: E402
 
 
 def setup(seed: int = 20):
