@@ -1,6 +1,7 @@
 """The ``gradwatch`` command line.
 
 ``gradwatch check TARGET``   train a factory's setup for a few steps and judge its gradients
+``gradwatch doctor TARGET``  name the causes, try the repairs they call for, rank them
 ``gradwatch report FILE``    render a saved JSON report again (text, ``--html``, ``--junit``)
 ``gradwatch demo``           run the demonstration (a diagnosis and a remedy, printed)
 ``gradwatch version``        print the version
@@ -133,6 +134,69 @@ def _cmd_check(args: argparse.Namespace) -> int:
     return code
 
 
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    from gradwatch.doctor import TrialProgress, doctor_target
+    from gradwatch.errors import GradwatchError
+
+    for option, value, low in (("--steps", args.steps, 10), ("--full-steps", args.full_steps, 1), ("--max-trials", args.max_trials, 0)):
+        if value is not None and value < low:
+            return _usage_error("doctor", f"{option} must be >= {low}; received {value}.")
+    if args.budget is not None and not args.budget > 0:
+        return _usage_error("doctor", f"--budget must be > 0 seconds; received {args.budget}.")
+    progress = None if args.quiet or args.no_progress else TrialProgress(f"gradwatch doctor {args.target}")
+    start = time.perf_counter()
+    try:
+        if args.html:
+            _require_matplotlib()
+        result = doctor_target(args.target, steps=args.steps, seed=args.seed, device=args.device, budget_s=args.budget,
+                               full_steps=args.full_steps, max_trials=args.max_trials, pairs=not args.no_pairs,
+                               progress=progress)
+    except (GradwatchError, ValueError) as exc:
+        if progress is not None:
+            progress.close()
+        if args.traceback:
+            traceback.print_exc()
+        return _usage_error("doctor", str(exc))
+    except Exception:
+        if progress is not None:
+            progress.close()
+        traceback.print_exc()
+        return _usage_error("doctor", "gradwatch failed inside the doctor (see the traceback above); please report it.")
+    if progress is not None:
+        progress.close()
+    elapsed = time.perf_counter() - start
+    failed = result.fails(args.fail_on)
+    code = EXIT_FINDINGS if failed else EXIT_OK
+    best = result.best
+    if result.nothing_to_repair and not failed:
+        verdict = "nothing to repair"
+    elif best is not None:
+        verdict = f"{'FAILED' if failed else 'PASSED'}: best repair {best.name!r} ({'healthy' if best.healthy else 'still with findings'})"
+    else:
+        verdict = f"{'FAILED' if failed else 'PASSED'}: no repair did better than the baseline" if result.causes else (
+            f"{'FAILED' if failed else 'PASSED'}: findings without a cause the doctor can repair")
+    written = []
+    try:
+        if args.json:
+            data = result.to_dict()
+            data["doctor"] = {"target": args.target, "steps": args.steps, "seed": args.seed, "device": args.device,
+                              "fail_on": args.fail_on, "exit_code": code, "seconds": round(elapsed, 3)}
+            _write(args.json, json.dumps(data, indent=2, allow_nan=False) + "\n")
+            written.append(args.json)
+        if args.html:
+            _write(args.html, result.to_html(title=args.target))
+            written.append(args.html)
+    except (GradwatchError, OSError) as exc:
+        return _usage_error("doctor", str(exc))
+    if not args.quiet:
+        print(result.summary())
+        print()
+    print(f"gradwatch doctor {args.target}: {verdict} ({elapsed:.1f}s)")
+    for path in written:
+        print(f"  wrote {path}")
+    return code
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
     from gradwatch.errors import GradwatchError
     from gradwatch.report import Report
@@ -201,6 +265,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress display")
     p.add_argument("--traceback", action="store_true", help="print the traceback of a usage error")
     p.set_defaults(func=_cmd_check)
+
+    p = sub.add_parser(
+        "doctor", help="name the causes of unhealthy gradients, try the repairs they call for, rank them",
+        description=(
+            "Import TARGET (as `gradwatch check`), train a copy of its setup for --steps steps under "
+            "policy='observe', name the causes of its findings from the model's structure and numbers, try "
+            "each repair they call for on a copy of the model (same steps, batches and seed), and rank the "
+            "trials by health and the loss reached. Exit 0 when there is nothing at or above --fail-on, 1 "
+            "when the setup has findings or causes at or above it (the best repair is printed), 2 on usage errors."
+        ),
+    )
+    p.add_argument("target", metavar="TARGET", help="the factory: 'package.module:function' or 'path/to/file.py:function'")
+    p.add_argument("--steps", type=int, default=None, help="steps of every trial (default: the spec's, else 60)")
+    p.add_argument("--budget", type=float, default=None, metavar="SECONDS",
+                   help="time budget: no trial is started that would end past it (default: none)")
+    p.add_argument("--full-steps", type=int, default=None, metavar="N",
+                   help="steps of one full training run: the budget is the time that run takes at the baseline's pace")
+    p.add_argument("--max-trials", type=int, default=8, help="most repairs to try, the pair included (default: 8)")
+    p.add_argument("--no-pairs", action="store_true", help="do not try the best two repairs together")
+    p.add_argument("--fail-on", choices=FAIL_ON, default="warning",
+                   help="lowest severity of a finding or cause that fails (default: warning)")
+    p.add_argument("--json", metavar="PATH", help="write the result as JSON (causes, ranked trials with their reports)")
+    p.add_argument("--html", metavar="PATH", help="write a self-contained HTML report with figures (needs gradwatch[report])")
+    p.add_argument("--seed", type=int, default=0, help="seed of the factory and of every trial (default: 0)")
+    p.add_argument("--device", default=None, help="train on this device, e.g. cuda, cpu (default: where the factory put it)")
+    p.add_argument("-q", "--quiet", action="store_true", help="print only the verdict line")
+    p.add_argument("--no-progress", action="store_true", help="no progress display")
+    p.add_argument("--traceback", action="store_true", help="print the traceback of a usage error")
+    p.set_defaults(func=_cmd_doctor)
 
     p = sub.add_parser("report", help="render a saved JSON report again",
                        description="Print a report saved by `gradwatch check --json`, or render it with --html/--junit.")

@@ -13,6 +13,12 @@ is enough to use it.
       def test_mlp():
           return build_mlp()
 
+* ``gradwatch.doctor(setup)`` runs ``gradwatch doctor`` on a setup and returns the ranked repairs::
+
+      def test_the_doctor_finds_a_repair(gradwatch):
+          result = gradwatch.doctor(build_sigmoid_mlp(), steps=40)
+          assert result.best is not None and result.best.healthy, result.summary()
+
 * ``--gradwatch-report DIR`` saves every report (JSON, and HTML when matplotlib is installed).
 
 Importing this module imports pytest and the gradwatch core only, never a framework: the setup
@@ -30,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 if TYPE_CHECKING:
+    from gradwatch.doctor import DoctorResult
     from gradwatch.report import Report
 
 MARKER_OPTIONS = ("steps", "fail_on", "seed", "device")
@@ -110,10 +117,43 @@ class GradwatchFixture:
         self.config.stash[_RESULTS].append((self.nodeid, report.healthy))
         return report
 
+    def doctor(self, setup: Any, *, steps: int | None = None, seed: int | None = 0, device: str | None = None,
+               **options: Any) -> DoctorResult:
+        """Run the doctor on a setup: causes, the repairs they call for tried and ranked.
+
+        Args:
+            setup: What a ``gradwatch check`` factory returns, or the factory itself.
+            steps: Steps of every trial. Defaults to None (the spec's, else 60).
+            seed: Seed of the factory and of every trial. Defaults to 0.
+            device: Device to train on. Defaults to None (where the setup is).
+            **options: ``budget_s``, ``full_steps``, ``max_trials``, ``pairs`` of
+                :func:`gradwatch.doctor.run_doctor`.
+
+        Returns:
+            The :class:`~gradwatch.doctor.DoctorResult`; ``result.best`` is the top-ranked repair
+            (None when nothing beat the baseline), ``result.best.model`` the repaired model.
+            With ``--gradwatch-report DIR`` the result is saved as ``DIR/<test id>-doctor.json``.
+
+        Raises:
+            BadTargetError: when the setup is not one gradwatch can run.
+        """
+        from gradwatch.doctor import run_doctor
+
+        result = run_doctor(setup, steps=steps, seed=seed, device=device, name=self.nodeid, **options)
+        directory = self.config.getoption("gradwatch_report")
+        if directory:
+            os.makedirs(directory, exist_ok=True)
+            stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", self.nodeid).strip("_")
+            with open(os.path.join(directory, stem + "-doctor.json"), "w", encoding="utf-8") as fh:
+                fh.write(result.to_json())
+        self.config.stash[_RESULTS].append((self.nodeid, not result.fails("warning")))
+        return result
+
 
 @pytest.fixture
 def gradwatch(request: pytest.FixtureRequest) -> GradwatchFixture:
-    """Check training setups from a test: ``gradwatch.check(setup, steps=30)`` returns the Report."""
+    """Check training setups from a test: ``gradwatch.check(setup, steps=30)`` returns the Report,
+    ``gradwatch.doctor(setup)`` the doctor's ranked repairs."""
     return GradwatchFixture(request.config, request.node.nodeid)
 
 

@@ -2,7 +2,7 @@
 
 The page holds the baseline's verdict, the causes with their evidence, the loss curves of every
 trial on one plot (the baseline dashed, the best repair bold), the per-layer gradient heatmaps of
-the baseline and of the best repair side by side (:func:`gradwatch.report.figures.heatmap_figure`),
+the baseline and of the best repair side by side on one colour scale (:func:`heatmaps_figure`),
 the ranked table, and the exact change as a diff-like snippet. Figures are embedded as PNG
 ``data:`` URIs; every name that comes from the model is escaped. matplotlib is imported only here,
 through :func:`gradwatch.report.figures.require_matplotlib`.
@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from gradwatch.report.figures import heatmap_figure, png_bytes, require_matplotlib
+from gradwatch.report.figures import png_bytes, require_matplotlib
 from gradwatch.report.html import escape
 
 if TYPE_CHECKING:
@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
     from gradwatch.doctor.result import DoctorResult
 
-__all__ = ["loss_figure", "to_html"]
+__all__ = ["heatmaps_figure", "loss_figure", "to_html"]
 
 _CSS = """
 body { margin: 0; font: 15px/1.5 system-ui, -apple-system, "Segoe UI", Roboto, "DejaVu Sans", sans-serif;
@@ -44,7 +44,6 @@ tr.best td { background: #e9f6ee; } tr.baseline td { background: #f3f6fb; }
 code, pre { font: 13px ui-monospace, "DejaVu Sans Mono", monospace; }
 pre { background: #f6f8fa; border-radius: 6px; padding: 10px 12px; overflow-x: auto; }
 pre .add { color: #116329; background: #dafbe1; display: block; } pre .del { color: #82071e; background: #ffebe9; display: block; }
-.pair { display: grid; grid-template-columns: 1fr 1fr; gap: 14px; }
 figure { margin: 8px 0 14px; } figure img { width: 100%; height: auto; display: block; }
 figcaption { color: #5b6475; font-size: 13px; margin-top: 4px; }
 .none { color: #5b6475; }
@@ -102,6 +101,65 @@ def loss_figure(result: DoctorResult, *, width: float = 11.0) -> Figure:
             ax.legend(loc="best", fontsize=8, frameon=False)
         else:
             ax.text(0.5, 0.5, "no trial ran", ha="center", va="center", transform=ax.transAxes)
+    return fig
+
+
+def _grid(report: Any) -> tuple[list[str], np.ndarray]:
+    history = (report.history if report is not None else None) or {}
+    names = [str(n) for n in history.get("layer_names", [])]
+    rows = np.asarray(history.get("layer_grad_norm", []), dtype=float)
+    return names, rows.reshape(-1, len(names)).T if names and rows.size else np.zeros((0, 0))
+
+
+def heatmaps_figure(before: Any, after: Any, *, labels: tuple[str, str] = ("before", "after"), width: float = 11.0) -> Figure:
+    """Each layer's gradient norm over the steps, for two reports side by side on one colour
+    scale (log10), input layer at the top; non-finite gradients red.
+
+    Args:
+        before: The baseline's :class:`~gradwatch.Report`.
+        after: The repaired run's report, or None.
+        labels: The panels' titles. Defaults to ``("before", "after")``.
+        width: Figure width in inches. Defaults to 11.0.
+
+    Returns:
+        The figure.
+
+    Raises:
+        MissingExtraError: without matplotlib.
+    """
+    mpl = require_matplotlib()
+    from matplotlib.figure import Figure
+
+    panels = [(labels[0], *_grid(before)), (labels[1], *_grid(after))]
+    finite = np.concatenate([g[np.isfinite(g) & (g > 0)].ravel() for _, _, g in panels if g.size] or [np.ones(1)])
+    logs = np.log10(finite)
+    lo, hi = np.percentile(logs, [1, 99])
+    if hi - lo < 2.0:
+        lo, hi = (hi + lo) / 2 - 1.0, (hi + lo) / 2 + 1.0
+    rows = max([len(names) for _, names, _ in panels] + [3])
+    with mpl.rc_context({"text.parse_math": False, "font.size": 9}):
+        fig = Figure(figsize=(width, min(2.2 + 0.24 * rows, 14.0)), layout="constrained")
+        axes = fig.subplots(1, 2)
+        mesh = None
+        for ax, (title, names, grid) in zip(axes, panels):
+            ax.set_title(title, fontsize=10)
+            if not grid.size:
+                ax.text(0.5, 0.5, "no run", ha="center", va="center", transform=ax.transAxes)
+                ax.set_xticks([])
+                ax.set_yticks([])
+                continue
+            with np.errstate(divide="ignore", invalid="ignore"):
+                values = np.where(grid > 0, np.log10(grid), lo)
+            bad = ~np.isfinite(grid)
+            ax.set_facecolor("#d62728")
+            mesh = ax.pcolormesh(np.arange(grid.shape[1] + 1) - 0.5, np.arange(len(names) + 1) - 0.5,
+                                 np.ma.masked_where(bad, values), cmap="viridis", vmin=lo, vmax=hi, shading="flat")
+            ax.set_ylim(len(names) - 0.5, -0.5)
+            every = max(1, math.ceil(len(names) / 40))
+            ax.set_yticks(list(range(0, len(names), every)), [names[i][-28:] for i in range(0, len(names), every)])
+            ax.set_xlabel("step")
+        if mesh is not None:
+            fig.colorbar(mesh, ax=list(axes), pad=0.01, fraction=0.03).set_label("log10 gradient norm")
     return fig
 
 
@@ -183,15 +241,15 @@ def to_html(result: DoctorResult, *, title: str = "") -> str:
             f"{escape(result.description.optimizer)} · {result.steps} steps per trial · {result.seconds:.1f} s")
     figures = ""
     if not result.nothing_to_repair:
-        heat_before = _img(heatmap_figure(base.report, width=6.0, title=False), "baseline heatmap") if base.report else ""
-        heat_after = (_img(heatmap_figure(best.report, width=6.0, title=False), "repaired heatmap")
-                      if best is not None and best.report is not None else "<p class='none'>No repair to show.</p>")
+        heatmaps = _img(heatmaps_figure(base.report, best.report if best is not None else None,
+                                        labels=("before: the baseline", f"after: {best.name}" if best is not None else "after: no repair")),
+                        "gradient norm per layer, before and after")
         figures = f"""<section><h2>Training loss of every trial</h2>
 <figure>{_img(loss_figure(result), "training loss of each trial")}
 <figcaption>Same batches, same seed. Dashed: the baseline; bold green: the best repair.</figcaption></figure></section>
-<section><h2>Gradient norm per layer, before and after</h2><div class="pair">
-<figure>{heat_before}<figcaption>Before: the baseline.</figcaption></figure>
-<figure>{heat_after}<figcaption>After: {escape(best.name) if best is not None else "–"}.</figcaption></figure></div></section>
+<section><h2>Gradient norm per layer, before and after</h2>
+<figure>{heatmaps}<figcaption>log10 of each layer's gradient norm per step, one colour scale for both; input layer
+at the top; red: non-finite.</figcaption></figure></section>
 <section><h2>Ranked trials</h2>{_table(result)}</section>"""
     change = ""
     if best is not None and best.snippet:
