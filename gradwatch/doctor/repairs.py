@@ -13,7 +13,8 @@ cause                      candidates
 ``dying_relu``             re-initialise them (He, zero bias); swap ReLU to LeakyReLU
 ``no_normalisation``       insert BatchNorm (LayerNorm in sequence models) after the layers
 ``sgd_across_depth``       switch to Adam (AdamW with weight decay)
-``lr_too_high``            scale the LR down by the factor the first updates call for
+``lr_too_high``            scale the LR down by the factor the first updates call for;
+                           switch plain SGD to Adam
 ``lr_too_low``             scale it up likewise; switch to Adam
 ``unclipped_norm``         clip the global norm at the run's starting level
 =========================  ===============================================================
@@ -232,7 +233,10 @@ def _for_cause(cause: Cause, model: ModelDescription | None) -> list[Candidate]:
         return [Candidate("Adam", (_adam(model),), because)]
     if cause.kind == "lr_too_high":
         factor = float(cause.evidence.get("factor", 0.1))
-        return [Candidate(f"LR x{factor:g}", (ScaleLR(factor),), because)]
+        out = [Candidate(f"LR x{factor:g}", (ScaleLR(factor),), because)]
+        if model is not None and not model.adaptive:
+            out.append(Candidate("Adam", (_adam(model),), because))
+        return out
     if cause.kind == "lr_too_low":
         factor = float(cause.evidence.get("factor", 10.0))
         return [Candidate(f"LR x{factor:g}", (ScaleLR(factor),), because), Candidate("Adam", (_adam(model),), because)]

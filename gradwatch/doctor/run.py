@@ -29,7 +29,7 @@ import numpy as np
 
 from gradwatch.check.spec import CheckSpec, as_spec, detect_framework
 from gradwatch.check.targets import load_target, seed_everything, seeded
-from gradwatch.doctor.causes import diagnose, symptoms_of
+from gradwatch.doctor.causes import Cause, diagnose, symptoms_of
 from gradwatch.doctor.model import ModelDescription
 from gradwatch.doctor.repairs import Candidate, combine, propose
 from gradwatch.doctor.result import DoctorResult
@@ -37,7 +37,16 @@ from gradwatch.doctor.trials import EarlyStop, TrialResult, rank
 from gradwatch.errors import BadTargetError
 from gradwatch.report import Report
 
-__all__ = ["DEFAULT_DOCTOR_STEPS", "DoctorAdapter", "TrialProgress", "adapter_for", "doctor_target", "run_doctor"]
+__all__ = [
+    "DEFAULT_DOCTOR_STEPS",
+    "DoctorAdapter",
+    "TrialProgress",
+    "adapter_for",
+    "diagnose_baseline",
+    "doctor_target",
+    "layer_grad_norms",
+    "run_doctor",
+]
 
 DEFAULT_DOCTOR_STEPS = 60
 """Steps of each trial when neither the caller nor the :class:`~gradwatch.CheckSpec` says."""
@@ -146,6 +155,25 @@ def _dead_layers(report: Report | None) -> list[str]:
     return list(dict.fromkeys(name for f in report.findings if f.kind == "dead_units" for name in f.layers))
 
 
+def diagnose_baseline(description: ModelDescription, baseline: TrialResult) -> tuple[tuple[str, ...], list[Cause]]:
+    """The symptoms of a baseline trial and the causes that explain them.
+
+    Args:
+        description: The model as the adapter described it.
+        baseline: The baseline trial (its report, losses and first update ratios).
+
+    Returns:
+        ``(symptoms, causes)``: see :func:`~gradwatch.doctor.causes.symptoms_of` and
+        :func:`~gradwatch.doctor.causes.diagnose`.
+    """
+    report = baseline.report
+    symptoms = symptoms_of(report.kinds("warning") if report is not None else [], baseline.losses)
+    causes = diagnose(description, symptoms=symptoms, dead_layers=_dead_layers(report),
+                      grad_norms=layer_grad_norms(report), update_ratios=baseline.update_ratios,
+                      global_norms=_global_norms(report))
+    return symptoms, causes
+
+
 def _better_than_baseline(trial: TrialResult, baseline: TrialResult) -> bool:
     if trial.tier > 1:
         return False
@@ -227,11 +255,7 @@ def run_doctor(
     baseline = adapter.trial(None, steps=total, stop=None, progress=bar("baseline"))
     if baseline.error:
         raise BadTargetError(f"The setup from {origin} fails as it is: {baseline.error}")
-    report = baseline.report
-    symptoms = symptoms_of(report.kinds("warning") if report is not None else [], baseline.losses)
-    causes = diagnose(description, symptoms=symptoms, dead_layers=_dead_layers(report),
-                      grad_norms=layer_grad_norms(report), update_ratios=baseline.update_ratios,
-                      global_norms=_global_norms(report))
+    symptoms, causes = diagnose_baseline(description, baseline)
     budget = budget_s
     if budget is None and full_steps is not None and baseline.losses:
         run = len(baseline.losses)

@@ -508,6 +508,13 @@ class KerasDoctor:
             model.compile(optimizer=optimizer, loss=self.model.loss)
         return lines
 
+    def build(self, candidate: Candidate | None) -> Any:
+        """A fresh, compiled copy of the model with ``candidate`` applied (None: unchanged),
+        starting from the factory model's initial weights (re-initialised layers excepted)."""
+        model, _ = self._build(candidate)
+        self._compile_model(model, candidate)
+        return model
+
     # -- trials ----------------------------------------------------------------------------------
 
     def trial(self, candidate: Candidate | None, *, steps: int, stop: Callable[[Sequence[float]], str] | None = None,

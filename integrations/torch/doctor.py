@@ -476,6 +476,34 @@ class TorchDoctor:
                           f"+ optimizer = torch.optim.{old}(model.parameters(), lr={before * change.factor:g}, ...)"]
         return optimizer, lines
 
+    def build(self, candidate: Candidate | None) -> tuple[nn.Module, torch.optim.Optimizer, float | None]:
+        """A fresh copy of the model and optimizer with ``candidate`` applied (None: unchanged).
+
+        Args:
+            candidate: The repair.
+
+        Returns:
+            ``(model, optimizer, clip_level)``: train it as the factory's setup, and clip the global
+            norm at ``clip_level`` before every ``optimizer.step()`` when it is not None.
+        """
+        model, optimizer, clip, _, _ = self._build(candidate)
+        return model, optimizer, clip
+
+    def _build(self, candidate: Candidate | None) -> tuple[nn.Module, torch.optim.Optimizer, float | None, list[str], dict[str, torch.Tensor]]:
+        model, template = copy.deepcopy(self._pristine)
+        if self.device:
+            model.to(self.device)
+        modules = dict(model.named_modules())
+        tracked = {info.name: w for info in (self.description.weight_layers if self.description else [])
+                   if info.name in modules and (w := _main_weight(modules[info.name])) is not None}
+        lines = self._rewrite(model, candidate) if candidate is not None else []
+        optimizer, opt_lines = self._optimizer(model, template, candidate)
+        clip = next((c.level for c in (candidate.changes if candidate else ()) if isinstance(c, ClipNorm)), None)
+        if clip is not None:
+            opt_lines += ["  loss.backward()", f"+ torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm={clip:.3g})",
+                          "  optimizer.step()"]
+        return model, optimizer, clip, lines + opt_lines, tracked
+
     # -- trials ----------------------------------------------------------------------------------
 
     def trial(self, candidate: Candidate | None, *, steps: int, stop: Callable[[Sequence[float]], str] | None = None,
@@ -485,22 +513,11 @@ class TorchDoctor:
         start = time.perf_counter()
         if self.seed is not None:
             seed_everything(self.seed)
-        model, template = copy.deepcopy(self._pristine)
-        if self.device:
-            model.to(self.device)
-        modules = dict(model.named_modules())
-        tracked = {info.name: w for info in (self.description.weight_layers if self.description else [])
-                   if info.name in modules and (w := _main_weight(modules[info.name])) is not None}
         try:
-            lines = self._rewrite(model, candidate) if candidate is not None else []
-            optimizer, opt_lines = self._optimizer(model, template, candidate)
+            model, optimizer, clip, lines, tracked = self._build(candidate)
         except Exception as exc:
             return TrialResult(name, candidate, steps, seconds=time.perf_counter() - start,
                                error=f"rewriting the model failed: {type(exc).__name__}: {exc}")
-        clip = next((c.level for c in (candidate.changes if candidate else ()) if isinstance(c, ClipNorm)), None)
-        if clip is not None:
-            opt_lines += ["  loss.backward()", f"+ torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm={clip:.3g})",
-                          "  optimizer.step()"]
         model.train()
         total = min(steps, len(self.batches))
         losses: list[float] = []
@@ -544,6 +561,6 @@ class TorchDoctor:
         return TrialResult(
             name, candidate, total, losses=losses, report=report, seconds=time.perf_counter() - start,
             first_step_seconds=first, stopped=stopped, error=error,
-            snippet="\n".join(lines + opt_lines), model=model, optimizer=optimizer,
+            snippet="\n".join(lines), model=model, optimizer=optimizer,
             update_ratios={n: float(np.median(r)) for n, r in finite.items() if r},
         )
