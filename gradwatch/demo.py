@@ -1,6 +1,8 @@
 """The demonstration behind ``make demo`` / ``gradwatch demo``.
 
-With PyTorch installed it trains small real models (see ``gradwatch.integrations.torch.demo``);
+With PyTorch installed it trains small real models (see ``gradwatch.integrations.torch.demo``),
+then runs ``gradwatch doctor`` on one vanishing and one exploding model
+(``gradwatch.integrations.torch.doctor_demo``);
 with ``synthetic=True``, or without PyTorch, it replays synthetic gradient streams through a
 :class:`~gradwatch.Monitor` so the diagnosis and the remedies can be seen with numpy alone.
 """
@@ -33,13 +35,24 @@ def run_synthetic() -> int:
     return 0
 
 
-def run_demo(synthetic: bool = False) -> int:
-    """Run the demo; returns the exit code (0)."""
+def run_demo(synthetic: bool = False, doctor: bool = True) -> int:
+    """Run the demo; returns the exit code (0).
+
+    Args:
+        synthetic: Replay synthetic streams instead of training models. Defaults to False.
+        doctor: With PyTorch, also run the doctor on a vanishing and an exploding model.
+            Defaults to True.
+    """
     if not synthetic and importlib.util.find_spec("torch") is not None:
         try:
             from gradwatch.integrations.torch.demo import main as torch_main
         except ImportError:
             pass
         else:
-            return int(torch_main())
+            code = int(torch_main())
+            if doctor:
+                from gradwatch.integrations.torch.doctor_demo import main as doctor_main
+
+                code = code or int(doctor_main())
+            return code
     return run_synthetic()

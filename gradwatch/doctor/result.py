@@ -25,6 +25,8 @@ from gradwatch.report.base import check_fail_on
 __all__ = ["SCHEMA_VERSION", "DoctorResult"]
 
 SCHEMA_VERSION = 1
+SNIPPET_LINES = 15
+"""Lines of the change the text summary shows (the JSON and HTML have all of it)."""
 
 
 def _num(value: float, spec: str = ".3g") -> str:
@@ -164,7 +166,11 @@ class DoctorResult:
             lines.append(f"Recommended: {best.name} ({best.candidate.describe()}): loss {_num(best.final_loss)} "
                          f"against the baseline's {_num(self.baseline.final_loss)}, {health}.")
             if best.snippet:
-                lines += ["", best.snippet]
+                snippet = best.snippet.splitlines()
+                if len(snippet) > SNIPPET_LINES:
+                    snippet = snippet[:SNIPPET_LINES] + [f"  ... {len(snippet) - SNIPPET_LINES} more lines of the same change "
+                                                         "(all of it in the JSON and HTML reports: --json, --html)"]
+                lines += ["", *snippet]
         manual = [t for t in self.trials if t.code_change]
         for trial in manual:
             lines += ["", f"{trial.name}: {trial.not_tried}. The change to make by hand:", trial.code_change]
