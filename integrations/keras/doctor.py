@@ -570,6 +570,9 @@ class _Recorder(keras.callbacks.Callback):
         self._ratios: dict[str, list[float]] = {n: [] for n in tracked}
 
     def _kernel(self, layer: Any) -> np.ndarray:
+        sync = getattr(self.model, "jax_state_sync", None)
+        if callable(sync):  # JAX: fit keeps the weights outside the variables between syncs
+            sync()
         cell = getattr(layer, "cell", layer)
         return _numpy(cell.kernel)
 
