@@ -114,7 +114,9 @@ PRIORITY: dict[str, tuple[str, ...]] = {
                                               "sgd_across_depth", "dying_relu", "lr_too_high", "unclipped_norm")),
 }
 """The order causes are listed (and their repairs tried) in, by the run's primary symptom: the first
-of diverged, nonfinite, exploding, loss_spike, dead_units, vanishing, stalled it shows."""
+of diverged, nonfinite, exploding, loss_spike, dead_units, vanishing, stalled it shows. An unstable
+run whose weights start too large (``init_scale`` above :data:`INIT_HIGH`, or a recurrent gain
+above :data:`RECURRENT_GAIN`) has its init tried first."""
 _CLIP_KINDS = ("exploding", "loss_spike", "nonfinite", "diverged")
 
 
@@ -384,4 +386,13 @@ def diagnose(
     causes = [cause for cause in found if cause is not None]
     primary = next((s for s in _PRIMARY if s in symptoms), None)
     order = PRIORITY.get(primary or "", CAUSE_KINDS)
+    if primary in ("diverged", "nonfinite", "exploding", "loss_spike") and any(_too_large(c) for c in causes):
+        # Weights that start too large blow the forward pass up at step 0, whatever the LR: the
+        # update ratios then look like an LR problem too. The init is the cause to try first.
+        order = ("init_scale", *(kind for kind in order if kind != "init_scale"))
     return sorted(causes, key=lambda c: (c.severity != "warning", order.index(c.kind)))
+
+
+def _too_large(cause: Cause) -> bool:
+    return cause.kind == "init_scale" and (
+        any(r > INIT_HIGH for r in cause.evidence.get("std_ratio", {}).values()) or bool(cause.evidence.get("recurrent_gain")))

@@ -15,7 +15,7 @@ cause                      candidates
 ``sgd_across_depth``       switch to Adam (AdamW with weight decay)
 ``lr_too_high``            scale the LR down by the factor the first updates call for;
                            switch plain SGD to Adam
-``lr_too_low``             scale it up likewise; switch to Adam
+``lr_too_low``             switch to Adam; scale the LR up likewise
 ``unclipped_norm``         clip the global norm at the run's starting level
 =========================  ===============================================================
 
@@ -239,7 +239,8 @@ def _for_cause(cause: Cause, model: ModelDescription | None) -> list[Candidate]:
         return out
     if cause.kind == "lr_too_low":
         factor = float(cause.evidence.get("factor", 10.0))
-        return [Candidate(f"LR x{factor:g}", (ScaleLR(factor),), because), Candidate("Adam", (_adam(model),), because)]
+        # Adam first: its steps do not scale with the gradients, so it does not need the factor right.
+        return [Candidate("Adam", (_adam(model),), because), Candidate(f"LR x{factor:g}", (ScaleLR(factor),), because)]
     if cause.kind == "unclipped_norm":
         level = float(cause.evidence["level"])
         return [Candidate(f"clip at {level:.3g}", (ClipNorm(level),), because)]

@@ -180,6 +180,9 @@ def test_causes_are_ordered_by_the_primary_symptom():
     assert kinds[0] == "saturating_activation" and kinds.index("lr_too_high") > kinds.index("no_normalisation")
     kinds = [c.kind for c in diagnose(model, symptoms=("diverged",), update_ratios={"fc6": 0.5}, global_norms=[1.0])]
     assert kinds[:2] == ["lr_too_high", "unclipped_norm"]
+    large = _stack(4, "relu", std=1.0)  # 5.7x He: the forward pass explodes at step 0, whatever the LR
+    kinds = [c.kind for c in diagnose(large, symptoms=("diverged",), update_ratios={"fc0": 0.5}, global_norms=[1.0])]
+    assert kinds[:2] == ["init_scale", "lr_too_high"]
 
 
 def test_symptoms_and_loss_drop():
@@ -204,6 +207,7 @@ def test_each_cause_calls_for_its_repairs():
               Cause("lr_too_low", (), "", {"factor": 100.0})]
     names = [c.name for c in propose(causes, model)]
     assert names == ["sigmoid->relu", "sigmoid->selu", "insert BatchNorm", "Adam", "clip at 2.5", "LR x100"]
+    assert [c.name for c in propose([Cause("lr_too_low", (), "", {"factor": 100.0})], model)] == ["Adam", "LR x100"]
     adam = next(c for c in propose(causes, model) if c.name == "Adam")
     assert adam.because == ("sgd_across_depth", "lr_too_low")  # listed once, for both causes
     assert adam.changes == (SwitchOptimizer("adam", 1e-3),)
