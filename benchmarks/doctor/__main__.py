@@ -34,12 +34,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", metavar="PATH", help="write the rows as JSON")
     parser.add_argument("--render", nargs="*", metavar="JSON", help="render saved JSON files instead of running")
     parser.add_argument("--docs", metavar="PAGE", help="with --render: write the Doctor section of this page")
+    parser.add_argument("--note", metavar="MARKDOWN", help="with --docs: a markdown file placed after the summary")
     args = parser.parse_args(argv)
     if args.render is not None:
         rows = [row for path in args.render for row in json.loads(Path(path).read_text())["rows"]]
         text = markdown(rows)
         if args.docs:
-            write_docs_section(Path(args.docs), rows)
+            write_docs_section(Path(args.docs), rows, Path(args.note).read_text() if args.note else "")
         print(text)
         return 0
     if args.framework == "torch":

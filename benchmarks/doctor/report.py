@@ -147,8 +147,8 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     return "\n".join([*summary(rows), "", *table(rows), "", "Failures:", "", *failures(rows)])
 
 
-def section(rows: list[dict[str, Any]], machine: str) -> str:
-    """The whole ``## Doctor`` section."""
+def section(rows: list[dict[str, Any]], machine: str, note: str = "") -> str:
+    """The whole ``## Doctor`` section (``note``: markdown placed after the summary)."""
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     return "\n".join([
         HEADING,
@@ -168,7 +168,7 @@ def section(rows: list[dict[str, Any]], machine: str) -> str:
         f"Last run: {when}.",
         "",
         *summary(rows),
-        "",
+        *([note.strip(), ""] if note.strip() else []),
         AUTOTRAINER,
         "",
         "### Machine",
@@ -186,12 +186,12 @@ def section(rows: list[dict[str, Any]], machine: str) -> str:
     ])
 
 
-def write_docs_section(page: Path, rows: list[dict[str, Any]]) -> None:
+def write_docs_section(page: Path, rows: list[dict[str, Any]], note: str = "") -> None:
     """Write (or replace) the ``## Doctor`` section of ``page``, leaving the rest as it is."""
     from benchmarks.docs_page import machine
 
     text = page.read_text() if page.exists() else "# Benchmarks\n"
-    new = section(rows, machine())
+    new = section(rows, machine(), note)
     lines = text.splitlines(keepends=True)
     start = next((i for i, line in enumerate(lines) if line.rstrip() == HEADING), None)
     if start is None:
