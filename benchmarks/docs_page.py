@@ -5,7 +5,11 @@ Usage (from the repository root)::
     python -m benchmarks.docs_page build/bench docs/benchmarks.md
 
 Reads ``detection*.json`` (several: one per Keras backend, say), ``remedy.json`` and
-``overhead.json`` from the folder; a missing file leaves its section saying so.
+``overhead.json`` from the folder; a missing file leaves its section saying so. The zoo
+(``zoo-<framework>.json`` from ``make zoo``, report seeds only) gets the ``## Zoo`` section and
+its full list of failures on ``docs/zoo-<framework>.md``; when no report-seed zoo file is in the
+folder, the page's ``## Zoo`` section is kept as it was, and so is the ``## Doctor`` section
+(written by ``python -m benchmarks.doctor --render``).
 """
 
 from __future__ import annotations
@@ -161,8 +165,74 @@ def targets(folder: Path) -> str:
     return "\n".join(lines)
 
 
-def render(folder: Path) -> str:
+ZOO_REPORT_SEEDS_FROM = 1000
+"""The zoo's rules are tuned on seeds 0-99; only runs on seeds from here on are published."""
+
+
+def kept_section(previous: str, heading: str) -> str:
+    """The ``heading`` section of a page as it was (empty when it has none)."""
+    lines = previous.splitlines(keepends=True)
+    start = next((i for i, line in enumerate(lines) if line.rstrip() == heading), None)
+    if start is None:
+        return ""
+    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+    return "".join(lines[start:end]).rstrip("\n")
+
+
+def _zoo_files(folder: Path) -> list[tuple[Path, dict[str, Any]]]:
+    out = []
+    for f in sorted(folder.glob("zoo-*.json")):
+        try:
+            data = json.loads(f.read_text())
+            first = int(str(data["seeds"]).split("-")[0].split(",")[0])
+        except (ValueError, KeyError, json.JSONDecodeError):
+            continue
+        if first >= ZOO_REPORT_SEEDS_FROM and not data.get("only"):
+            out.append((f, data))
+    return out
+
+
+def zoo_section(folder: Path, docs: Path | None) -> str:
+    """``## Zoo`` from the report-seed zoo files in ``folder`` (empty when there is none); with
+    ``docs``, every failure of each framework goes to ``docs/zoo-<framework>.md``."""
+    from benchmarks.zoo.report import summary_markdown
+
+    files = _zoo_files(folder)
+    if not files:
+        return ""
+    parts = ["## Zoo", "",
+             "Whole training runs sampled at random (`benchmarks/zoo`: MLPs, CNNs, RNN/LSTM/GRU, small "
+             "transformers, residual and normalised nets, embeddings; five optimizers, five schedules, "
+             "batches of 1-256 with ragged last batches, weight decay, dropout, label smoothing, bf16, "
+             "frozen parts; scikit-learn's offline datasets), pathologies injected at random onsets, "
+             "each label confirmed by the unwatched run (unconfirmed runs are dropped). "
+             f"The rules and thresholds were tuned on seeds 0-99; the tables below are seeds "
+             f"{ZOO_REPORT_SEEDS_FROM}+, which nobody looked at while tuning. Rerun with `make zoo`.", ""]
+    for path, data in files:
+        totals = data["totals"]
+        fw = totals["framework"]
+        prov = data.get("provenance", {})
+        text = summary_markdown(totals, title=f"Seeds {data['seeds']}", level=3)
+        parts += [text, ""]
+        parts.append(f"Commit {str(prov.get('commit', '?'))[:10]}"
+                     + (" (with uncommitted changes)" if prov.get("gradwatch_files_modified") else "")
+                     + f", {prov.get('date', '?')}, {prov.get('machine', '?')}, "
+                     + ", ".join(f"{k} {v}" for k, v in prov.get("versions", {}).items()) + ".")
+        failures = path.with_suffix(".md")
+        if docs is not None and failures.exists():
+            page = docs.parent / f"zoo-{fw}.md"
+            page.write_text(f"# Zoo, every run that failed: {fw}\n\nFrom `make zoo` "
+                            f"(see [benchmarks](benchmarks.md#zoo)).\n\n" + failures.read_text())
+            parts.append(f"Every false alarm, miss, failed rescue and dropped run: [zoo-{fw}.md](zoo-{fw}.md).")
+        parts.append("")
+    return "\n".join(parts).rstrip("\n")
+
+
+def render(folder: Path, previous: str = "", docs: Path | None = None) -> str:
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    zoo = zoo_section(folder, docs) or kept_section(previous, "## Zoo")
+    doctor = kept_section(previous, "## Doctor")
+    extra = [part for section in (zoo, doctor) if section for part in (section, "")]
     return "\n".join([
         HEADER,
         f"Last run: {stamp}.",
@@ -187,6 +257,7 @@ def render(folder: Path) -> str:
         "",
         overhead_section(folder),
         "",
+        *extra,
     ])
 
 
@@ -196,7 +267,8 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m benchmarks.docs_page RESULTS_FOLDER OUTPUT.md", file=sys.stderr)
         return 2
     folder, out = Path(args[0]), Path(args[1])
-    out.write_text(render(folder))
+    previous = out.read_text() if out.exists() else ""
+    out.write_text(render(folder, previous, docs=out))
     print(f"wrote {out}", file=sys.stderr)
     return 0
 

@@ -36,7 +36,7 @@ class History:
     def __init__(self, size: int) -> None:
         self.size = size
         self.index = 0
-        self.rings = {name: np.full(size, empty, dtype=dtype) for name, (dtype, empty) in STEP_FIELDS.items()}
+        self.rings: dict[str, np.ndarray] = {name: np.full(size, empty, dtype=dtype) for name, (dtype, empty) in STEP_FIELDS.items()}
         # Per tensor and step: the gradient norm, NaN without a gradient, +inf when non-finite.
         # Aggregated per layer only when a report is asked for: the step path stays cheap.
         self.tensors = np.zeros((size, 0))

@@ -21,6 +21,7 @@ from gradwatch.history import History
 from gradwatch.plugins import Hooks
 from gradwatch.policy import Controls, Decision, Policy, resolve_policy
 from gradwatch.report import Report
+from gradwatch.sinks.announce import Announcer
 from gradwatch.stats import Layout, StepStats
 
 STATE_VERSION = 1
@@ -39,6 +40,9 @@ class Monitor:
             merged into it instead of recorded anew. Defaults to 5.
         framework: Name of the framework, for the report. Defaults to "".
         hooks: The plugin hooks. Defaults to the process-wide plugin manager.
+        announce: Say what gradwatch changes while it changes it, and sum up at the end
+            (:class:`gradwatch.sinks.announce.Announcer`: the ``gradwatch`` logger, WARNING,
+            rate-limited, rank 0). Defaults to True.
 
     Raises:
         ValueError: for an unknown policy or non-positive sizes.
@@ -63,6 +67,7 @@ class Monitor:
         merge_gap: int = 5,
         framework: str = "",
         hooks: Hooks | None = None,
+        announce: bool = True,
     ) -> None:
         if history < 1 or max_findings < 1 or max_actions < 1 or merge_gap < 0:
             raise ValueError(
@@ -87,6 +92,7 @@ class Monitor:
         self.layout: Layout | None = None
         self._policy_state = self.policy.init()
         self._controls = self._policy_state.controls
+        self.announcer = Announcer() if announce else None
         self._reset_run()
 
     # -- state ---------------------------------------------------------------------------------
@@ -152,8 +158,10 @@ class Monitor:
         decision, self._policy_state = self.policy.decide(
             findings, stats, self._policy_state, can_rollback=can_rollback, immediate=immediate
         )
+        decision.findings = findings
         policy_factor = decision.lr_factor
         decision = self.hooks.select_actions(findings, stats, decision, self)
+        decision.findings = findings
         self._controls = _final_controls(decision, policy_factor)
         decision.controls, decision.lr_factor = self._controls, self._controls.lr_factor
         self._record(stats, findings, decision)
@@ -204,6 +212,8 @@ class Monitor:
             self._actions.append(a)
             self._action_counts[a.kind] = self._action_counts.get(a.kind, 0) + 1
             self.hooks.on_action(a, self)
+            if self.announcer is not None and self.hooks.speaks:
+                self.announcer.write_action(a, self)
         self._history.record(stats, decision.lr_factor)
 
     def _layer_history(self, keep: np.ndarray) -> np.ndarray:
@@ -265,6 +275,7 @@ class Monitor:
                     "nonfinite_steps": int(history.layer_nonfinite_steps[i]),
                 })
         return Report(
+            rescued=self._rescued(),
             healthy=self.healthy,
             policy=self.policy.name,
             framework=self.framework,
@@ -285,10 +296,29 @@ class Monitor:
             },
         )
 
+    def _rescued(self) -> bool:
+        """Remedies were applied and the last ``max(20, 10%)`` measured steps were healthy."""
+        if self.healthy or not any(k in self._action_counts for k in ("clip", "skip_step", "lr_decay", "rollback")):
+            return False
+        quiet = max(20, self._measured // 10)
+        if self._measured < quiet:
+            return False
+        last_alarm = max((f.last_step for f in self._findings if severity_rank(f.severity) >= 1), default=-1)
+        history = self._history
+        keep = history.kept()
+        steps, losses = history.rings["steps"][keep], history.rings["loss"][keep]
+        recent = steps[-quiet:] if len(steps) >= quiet else steps
+        if len(recent) < quiet or last_alarm >= recent[0]:
+            return False
+        recent_loss = losses[-quiet:]
+        return bool(np.all(np.isfinite(recent_loss)) or np.all(np.isnan(recent_loss)))
+
     def finish(self) -> Report:
         """The final report, also handed to every ``gradwatch_on_report`` plugin."""
         report = self.report()
         self.hooks.on_report(report, self)
+        if self.announcer is not None and self.hooks.speaks:
+            self.announcer.write_report(report, self)
         return report
 
     # -- checkpoints ---------------------------------------------------------------------------

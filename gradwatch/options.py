@@ -70,24 +70,27 @@ def check_param_norm_every(param_norm_every: Any) -> int:
     return int(param_norm_every)
 
 
-def check_rollback_every(rollback_every: Any) -> int | None:
-    """Validate ``rollback_every``: healthy steps between rollback snapshots (None: no snapshot).
+def check_rollback_every(rollback_every: Any) -> int | str | None:
+    """Validate ``rollback_every``: healthy steps between rollback snapshots.
 
     Args:
-        rollback_every: None or an int >= 1.
+        rollback_every: ``"auto"`` (snapshots under a policy that rolls back, within the memory
+            budget of the adapter), None (no snapshot) or an int >= 1.
 
     Returns:
-        It.
+        It (an int, ``"auto"`` or None).
 
     Raises:
         ValueError: for anything else.
     """
-    if rollback_every is not None and (not _is_int(rollback_every) or rollback_every < 1):
+    if rollback_every == "auto" or rollback_every is None:
+        return rollback_every
+    if not _is_int(rollback_every) or rollback_every < 1:
         raise ValueError(
-            "rollback_every must be None (no snapshots) or an int >= 1 (healthy steps between "
+            "rollback_every must be 'auto', None (no snapshots) or an int >= 1 (healthy steps between "
             f"snapshots). Received rollback_every={rollback_every!r}."
         )
-    return None if rollback_every is None else int(rollback_every)
+    return int(rollback_every)
 
 
 def deprecated_alias(owner: str, old: str, new: str, stacklevel: int = 3) -> None:

@@ -88,6 +88,11 @@ class Hooks:
         self.manager = manager if manager is not None else get_plugin_manager()
         self._hook = self.manager.hook
 
+    @property
+    def speaks(self) -> bool:
+        """This process speaks for the run (False on distributed ranks other than 0)."""
+        return True
+
     def detectors(self, config: dict[str, Any]) -> list[Detector]:
         found: list[Detector] = []
         # pluggy calls the most recently registered first; built-ins registered first go last.

@@ -24,6 +24,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+import numpy as np
+
 from gradwatch.findings import Action, Finding
 from gradwatch.stats import StepStats
 
@@ -55,6 +57,8 @@ class Decision:
         rollback: Restore the last healthy snapshot (the adapter also skips the step).
         actions: What was done, for the record.
         controls: The standing orders after this step.
+        findings: The step's findings (the Monitor fills them in): adapters keep rollback
+            snapshots only of steps without a warning or an error.
     """
 
     step: int
@@ -64,6 +68,12 @@ class Decision:
     rollback: bool = False
     actions: list[Action] = field(default_factory=list)
     controls: Controls = field(default_factory=Controls)
+    findings: list[Finding] = field(default_factory=list)
+
+    @property
+    def alarm(self) -> bool:
+        """A finding of severity warning or error was made on this step."""
+        return any(f.severity in ("warning", "error") for f in self.findings)
 
 
 NEVER = -(10**9)
@@ -102,6 +112,10 @@ class PolicyState(NamedTuple):
     """While the user's LR stays jumped: the scheduled LR it is held to (the healthy one)."""
     jump_factor: float = 1.0
     """The extra factor that holds the jumped LR at ``lr_cap`` (1.0 when no jump is in force)."""
+    nonfinite_streak: int = 0
+    """Consecutive measured steps with non-finite gradients (0 after a finite one)."""
+    last_rollback_step: int = NEVER
+    """The step of the last rollback."""
 
     @property
     def controls(self) -> Controls:
@@ -189,6 +203,18 @@ class AutoPolicy(Policy):
             else the norm not halved) is holding back
             an LR that is too high: the LR is decayed (the detector stops calling such a steady
             state an explosion, since it adapts to it; the policy does not). Defaults to 2.0.
+        step_size_factor: LR multiplier when a finding says the step size itself is the cause
+            (``exploding`` with ``remedy="lr"``: the loss runs away, updates as large as the
+            weights, an explosion that ended in NaN) and when every step has been non-finite for
+            ``nonfinite_patience`` steps in a row. Such runs were typically started with an LR
+            10-1000x too high: halving would take many rounds. When the finding measured how much
+            too large the update was (``lr_factor_hint``: what brings it back to ~1% of the
+            weights), that smaller factor is used. Defaults to 0.1.
+        clip_release: Measured steps without an explosion after which a standing clip level is
+            lifted: a level set by one alarm must not throttle the rest of a healthy run.
+            Defaults to 50.
+        update_bound: After a step-size cut, the clip level keeps a plain gradient step within
+            this share of the weights' norm, at the new LR. Defaults to 0.02.
 
     Raises:
         ValueError: for a factor outside (0, 1) or a negative count.
@@ -212,6 +238,9 @@ class AutoPolicy(Policy):
         lr_jump_ratio: float = 10.0,
         lr_window: int = 10,
         heavy_clip_ratio: float = 2.0,
+        step_size_factor: float = 0.1,
+        clip_release: int = 50,
+        update_bound: float = 0.02,
     ) -> None:
         if not 0.0 < decay_factor < 1.0:
             raise ValueError(f"AutoPolicy does not support a decay_factor outside (0, 1). Received decay_factor={decay_factor}.")
@@ -242,6 +271,16 @@ class AutoPolicy(Policy):
         if not heavy_clip_ratio >= 1.0:
             raise ValueError(f"heavy_clip_ratio must be >= 1. Received heavy_clip_ratio={heavy_clip_ratio}.")
         self.heavy_clip_ratio = heavy_clip_ratio
+        if not 0.0 < step_size_factor < 1.0 or clip_release < 1:
+            raise ValueError(
+                "step_size_factor must be in (0, 1) and clip_release >= 1. Received "
+                f"step_size_factor={step_size_factor}, clip_release={clip_release}."
+            )
+        self.step_size_factor = step_size_factor
+        self.clip_release = clip_release
+        if not update_bound > 0:
+            raise ValueError(f"update_bound must be > 0. Received update_bound={update_bound}.")
+        self.update_bound = update_bound
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, **{k: v for k, v in vars(self).items() if not k.startswith("_")}}
@@ -257,30 +296,91 @@ class AutoPolicy(Policy):
         for f in findings:
             by_kind.setdefault(f.kind, []).append(f)
         plan = _Plan(self, stats.step, state)
-        self._on_nonfinite(plan, by_kind, can_rollback)
+        self._on_nonfinite(plan, by_kind, stats, can_rollback)
         self._on_lr_jump(plan, by_kind, stats, can_rollback)
+        self._on_step_size(plan, by_kind, stats, can_rollback)
         self._on_exploding(plan, by_kind, stats)
+        self._release_clip(plan, by_kind)
         self._on_heavy_clipping(plan, stats)
         self._recommend(plan, by_kind)
         return self._finish(plan, stats, state.controls, immediate)
 
-    def _on_nonfinite(self, plan: _Plan, by_kind: dict[str, list[Finding]], can_rollback: bool) -> None:
-        if "nonfinite" not in by_kind:
-            return
+    def _on_nonfinite(self, plan: _Plan, by_kind: dict[str, list[Finding]], stats: StepStats,
+                      can_rollback: bool) -> None:
         step, s = plan.step, plan.state
+        if "nonfinite" not in by_kind:
+            if s.nonfinite_streak:
+                plan.state = s._replace(nonfinite_streak=0)
+            return
         recent = tuple(t for t in s.nonfinite_steps if step - t < self.nonfinite_window) + (step,)
-        plan.state = s._replace(nonfinite_steps=recent[-self.nonfinite_patience:])
+        streak = s.nonfinite_streak + 1
+        plan.state = s = s._replace(nonfinite_steps=recent[-self.nonfinite_patience:], nonfinite_streak=streak)
         params_bad = any(f.evidence.get("params_nonfinite") for f in by_kind["nonfinite"])
         if params_bad and self.rollback and can_rollback:
             plan.roll_back("nonfinite", "parameters were non-finite: restored the last healthy snapshot",
                            {"params_finite": False}, {"params_finite": True})
             plan.decay("nonfinite", "parameters turned non-finite")
+        elif streak >= self.nonfinite_patience and streak % self.nonfinite_patience == 0:
+            # Every step non-finite: skipping saves nothing (the parameters never move again and
+            # the next batch is as bad). Go back to the last healthy parameters, smaller steps.
+            if self.rollback and can_rollback and step - s.last_rollback_step >= self.cooldown:
+                plan.roll_back("nonfinite", f"{streak} non-finite steps in a row: skipping them saves nothing; "
+                               "restored the last healthy snapshot")
+            plan.decay("nonfinite", f"{streak} non-finite steps in a row", factor=self.step_size_factor)
         elif len(recent) >= self.nonfinite_patience and step - s.last_exploding_step <= self.nonfinite_window:
             # NaNs that follow an explosion come from the step size; NaNs out of a healthy run
             # come from the data or the model (a sqrt at 0): skipping them is the remedy, and
             # a smaller LR would only slow the run down.
             plan.decay("nonfinite", f"{len(recent)} non-finite steps within {self.nonfinite_window} steps "
                        "after the norm exploded")
+
+    def _on_step_size(self, plan: _Plan, by_kind: dict[str, list[Finding]], stats: StepStats,
+                      can_rollback: bool) -> None:
+        """Findings whose cause is the step size itself (``remedy="lr"``): a smaller LR, the
+        last healthy parameters back (the updates made too large are undone), and a clip level
+        that keeps the next steps within ``update_bound`` of the weights."""
+        causes = [f for f in by_kind.get("exploding", []) if f.evidence.get("remedy") == "lr"]
+        if not causes or any(a.kind == "lr_decay" for a in plan.actions):
+            return
+        before = plan.state.lr_factor
+        # A measured update as large as the weights says by how much the step is too large.
+        hints = [float(f.evidence["lr_factor_hint"]) for f in causes if f.evidence.get("lr_factor_hint")]
+        factor = min([self.step_size_factor, *hints])
+        plan.decay("exploding", causes[0].message.split(":")[0].rstrip("."), factor=max(factor, self.min_lr_factor))
+        decayed = plan.state.lr_factor < before
+        s = plan.state
+        if (decayed and self.rollback and can_rollback and not plan.rollback
+                and plan.step - s.last_rollback_step >= self.cooldown):
+            plan.roll_back("exploding", "restored the last healthy snapshot: undoes the updates made at the "
+                           "too-large step size")
+        if decayed:
+            # After a rollback the weights are those of before the too-large updates.
+            before_norms = [float(f.evidence["previous_weight_norm"]) for f in causes if f.evidence.get("previous_weight_norm")]
+            self._bound_steps(plan, stats, plan.state.lr_factor / before, min(before_norms, default=math.inf))
+
+    def _bound_steps(self, plan: _Plan, stats: StepStats, lr_ratio: float, weights_before: float = math.inf) -> None:
+        """A standing clip level at which a plain gradient step moves the weights by at most
+        ``update_bound`` of their norm, at the new LR (clipping relative to the weights, as in
+        NFNets' adaptive clipping): gradients too large for any sane LR — a huge init — stay
+        bounded after the LR cut. An adaptive optimizer (Adam) normalises its steps anyway, so the
+        level rarely binds there. Lifted by ``clip_release`` like any clip level."""
+        if not self.clip or stats.lr is None or not stats.lr > 0 or not stats.params_measured:
+            return
+        weight = stats.layout.role_mask(("weight",)) & stats.has_grad & np.isfinite(stats.param_norm)
+        if not weight.any():
+            return
+        norm = min(float(np.sqrt(np.sum(stats.param_norm[weight] ** 2))), weights_before)
+        level = self.update_bound * norm / (stats.lr * lr_ratio)
+        s = plan.state
+        if math.isfinite(level) and 0 < level < s.clip_norm:
+            plan.state = s._replace(clip_norm=level, clip_since=plan.step if not math.isfinite(s.clip_norm) else s.clip_since)
+
+    def _release_clip(self, plan: _Plan, by_kind: dict[str, list[Finding]]) -> None:
+        """Lift a standing clip level after ``clip_release`` measured steps without an explosion."""
+        s = plan.state
+        if math.isfinite(s.clip_norm) and not by_kind.get("exploding") and \
+                plan.step - max(s.last_exploding_step, s.clip_since) >= self.clip_release:
+            plan.state = s._replace(clip_norm=math.inf, clip_since=-1, clip_streak=0)
 
     def _on_lr_jump(self, plan: _Plan, by_kind: dict[str, list[Finding]], stats: StepStats, can_rollback: bool) -> None:
         """Track the user's scheduled LR; hold it at its healthy median when it jumped right before
@@ -325,7 +425,9 @@ class AutoPolicy(Policy):
             plan.roll_back("exploding", "restored the last healthy snapshot: undoes the update made at the jumped LR")
 
     def _on_exploding(self, plan: _Plan, by_kind: dict[str, list[Finding]], stats: StepStats) -> None:
-        exploding = by_kind.get("exploding", [])
+        # Those whose cause is the step size itself are _on_step_size's (clipping does not help);
+        # those that only advise ("report") change nothing.
+        exploding = [f for f in by_kind.get("exploding", []) if f.evidence.get("remedy", "clip") == "clip"]
         if not exploding:
             return
         if not self.clip:
@@ -426,14 +528,20 @@ class _Plan:
         self.actions: list[Action] = []
         self.rollback = False
 
-    def decay(self, reason: str, why: str) -> None:
-        """Decay the LR once, after the cool-down and above the floor."""
+    def decay(self, reason: str, why: str, factor: float | None = None) -> None:
+        """Decay the LR once, after the cool-down and above the floor.
+
+        Args:
+            reason: The finding kind behind it.
+            why: The message's reason.
+            factor: The multiplier. Defaults to the policy's ``decay_factor``.
+        """
         p, s = self.policy, self.state
         if not p.lr_decay or self.step - s.last_decay_step < p.cooldown:
             return
         if any(a.kind == "lr_decay" for a in self.actions):
             return  # one decay per step, whatever the reasons
-        new = max(s.lr_factor * p.decay_factor, p.min_lr_factor)
+        new = max(s.lr_factor * (factor if factor is not None else p.decay_factor), p.min_lr_factor)
         if new >= s.lr_factor:
             return
         self.actions.append(Action(
@@ -445,6 +553,7 @@ class _Plan:
 
     def roll_back(self, reason: str, message: str, before: dict | None = None, after: dict | None = None) -> None:
         self.rollback = True
+        self.state = self.state._replace(last_rollback_step=self.step)
         self.actions.append(Action("rollback", self.step, reason, before or {}, after or {}, {}, message))
 
 

@@ -241,6 +241,9 @@ class StepStats:
         loss: The training loss of the step; None when the adapter does not know it (a NaN loss is
             a NaN, not "unknown"). Defaults to None.
         lr: The learning rate in force, when known. Defaults to None.
+        chance_loss: The loss of a model that has learnt nothing about its input, when the adapter
+            knows the loss function: ``ln C`` for a C-class cross-entropy, ``ln 2`` for a binary
+            one. Gives the loss an absolute scale from step 0. Defaults to None (unknown).
 
     Raises:
         ValueError: if an array does not have one entry per tensor.
@@ -263,6 +266,7 @@ class StepStats:
     update_norm: np.ndarray = field(default=None)  # type: ignore[arg-type]
     loss: float | None = None
     lr: float | None = None
+    chance_loss: float | None = None
 
     def __post_init__(self) -> None:
         n = len(self.layout)
@@ -283,6 +287,7 @@ class StepStats:
         self.nonfinite = np.where(self.has_grad, self.nonfinite, 0)
         self.loss = float(self.loss) if self.loss is not None else None
         self.lr = float(self.lr) if self.lr is not None else None
+        self.chance_loss = float(self.chance_loss) if self.chance_loss is not None else None
 
     @cached_property
     def finite(self) -> bool:
@@ -292,10 +297,11 @@ class StepStats:
 
     @property
     def params_nonfinite(self) -> np.ndarray:
-        """True per tensor whose parameters hold a NaN/Inf (always False when not measured)."""
+        """True per tensor whose parameters hold a NaN/Inf (always False when not measured, and
+        for tensors without a gradient this step, whose norms adapters may leave unmeasured)."""
         if not self.params_measured:
             return np.zeros(len(self.layout), dtype=bool)
-        return ~np.isfinite(self.param_norm)
+        return ~np.isfinite(self.param_norm) & self.has_grad
 
     @cached_property
     def global_norm(self) -> float:
@@ -325,6 +331,7 @@ class StepStats:
             "update_norm": self.update_norm.tolist(),
             "loss": self.loss,
             "lr": self.lr,
+            "chance_loss": self.chance_loss,
         })
 
 

@@ -58,7 +58,8 @@ class GradWatch(TrainerCallbackCore, pl.Callback):
         strict: Raise gradwatch's own errors instead of warning once. Defaults to False.
         sinks: :class:`gradwatch.sinks.Sink` objects or JSON Lines paths. Defaults to None.
         names: How layers are named. Defaults to None (module paths).
-        rollback_every: Healthy steps between rollback snapshots. Defaults to None (none).
+        rollback_every: Healthy steps in a row between rollback snapshots; None: none. Defaults to
+            ``"auto"`` (every 20 under ``policy="auto"`` while a copy fits 1 GiB).
         param_norm_every: Parameter norms every N measured steps (0: never). Defaults to 10.
         monitor: A :class:`gradwatch.Monitor` to use instead of a new one. Defaults to None.
         log: Log ``grad_norm/total`` and grouped per-layer norms through ``pl_module.log``.
@@ -84,7 +85,7 @@ class GradWatch(TrainerCallbackCore, pl.Callback):
         strict: bool = False,
         sinks: Any = None,
         names: LayerNames = None,
-        rollback_every: int | None = None,
+        rollback_every: int | str | None = "auto",
         param_norm_every: int = 10,
         monitor: Monitor | None = None,
         log: bool = True,
@@ -121,6 +122,8 @@ class GradWatch(TrainerCallbackCore, pl.Callback):
 
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Any) -> None:
         if self.failsafe.active and isinstance(loss, torch.Tensor):
+            if self.driver is not None:
+                self.failsafe.guard(self.driver.learn_loss_function, loss)
             # Under accumulate_grad_batches Lightning hands each micro-batch's loss already divided
             # by the number of micro-batches: their sum is the step's mean loss. No host sync.
             value = loss.detach().float().reshape(-1)[0]

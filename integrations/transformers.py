@@ -57,7 +57,8 @@ class GradWatch(TrainerCallbackCore, TrainerCallback, ExportableState):
         strict: Raise gradwatch's own errors instead of warning once. Defaults to False.
         sinks: :class:`gradwatch.sinks.Sink` objects or JSON Lines paths. Defaults to None.
         names: How layers are named. Defaults to None (module paths).
-        rollback_every: Healthy steps between rollback snapshots. Defaults to None (none).
+        rollback_every: Healthy steps in a row between rollback snapshots; None: none. Defaults to
+            ``"auto"`` (every 20 under ``policy="auto"`` while a copy fits 1 GiB).
         param_norm_every: Parameter norms every N measured steps (0: never). Defaults to 10.
         monitor: A :class:`gradwatch.Monitor` to use instead of a new one. Defaults to None.
         param_norms: Deprecated: ``param_norm_every=1`` (True) or ``0`` (False). Defaults to None.
@@ -79,7 +80,7 @@ class GradWatch(TrainerCallbackCore, TrainerCallback, ExportableState):
         strict: bool = False,
         sinks: Any = None,
         names: LayerNames = None,
-        rollback_every: int | None = None,
+        rollback_every: int | str | None = "auto",
         param_norm_every: int = 10,
         monitor: Monitor | None = None,
         param_norms: bool | None = None,
@@ -191,6 +192,8 @@ class GradWatch(TrainerCallbackCore, TrainerCallback, ExportableState):
         if self.failsafe.active and module.training:
             loss = output_loss(output)
             if loss is not None:
+                if self.driver is not None:
+                    self.failsafe.guard(self.driver.learn_loss_function, loss)
                 self.losses.add(loss)
 
     def _before_step(self, args: Any, model: Any, optimizer: Any) -> bool:

@@ -131,7 +131,8 @@ class ZooOutcome:
         unwatched: The unwatched run's numbers.
         twin: The twin's numbers (pathological runs).
         changed: Healthy runs: ``auto`` took a training action or its parameters differ.
-        needs_rescue: Diverging runs: the unwatched run fails the rescue criterion.
+        diverged: The unwatched run diverges (``labels.diverged``); None where not judged.
+        needs_rescue: Diverging runs: the unwatched run diverges and fails the rescue criterion.
         rescued: Diverging runs: the auto run meets it.
         rescue_note: The numbers behind it.
         seconds: Wall time of every run of this seed.
@@ -161,9 +162,11 @@ class ZooOutcome:
     unwatched: dict[str, float] = field(default_factory=dict)
     twin: dict[str, float] | None = None
     changed: bool | None = None
+    diverged: bool | None = None
     needs_rescue: bool | None = None
     rescued: bool | None = None
     rescue_note: str = ""
+    rescue_note_unwatched: str = ""
     seconds: float = 0.0
 
     @property
@@ -291,8 +294,10 @@ def evaluate(spec: RunSpec, runner: Runner) -> ZooOutcome:
     if p is None:
         out.changed = any(counts.get(k, 0) for k in TRAINING_ACTIONS) or not identical
     elif p.name in DIVERGING and twin is not None:
-        ok_unwatched, _ = labels.rescued(probe, twin)
-        out.needs_rescue = not ok_unwatched
+        ok_unwatched, note = labels.rescued(probe, twin)
+        out.rescue_note_unwatched = ("ok: " if ok_unwatched else "fails: ") + note
+        out.diverged = labels.diverged(probe, out.onset or 0)
+        out.needs_rescue = not ok_unwatched and out.diverged
         out.rescued, out.rescue_note = labels.rescued(auto, twin)
     out.seconds = time.perf_counter() - start
     return out

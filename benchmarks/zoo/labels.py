@@ -203,6 +203,28 @@ def confirm(spec: RunSpec, run: RunResult, twin: RunResult | None) -> LabelCheck
     return exploding_after(run, twin, p.onset)
 
 
+DIVERGE_RISE = 3.0
+"""A run diverges when its loss (median of 5 steps) climbs this far above where it was at the onset."""
+
+
+def diverged(run: RunResult, onset: int) -> bool:
+    """The unwatched run really diverges from the onset on: a non-finite loss or gradient, or the
+    loss (median of 5 steps) climbing :data:`DIVERGE_RISE` times above its level at the onset, or a
+    final training loss not below the first. A run broken from its start whose loss still falls
+    (a huge init under Adam, an exploding recurrence that training tames) is broken but does not
+    diverge: it counts for detection, not in the rescue rate (reported apart)."""
+    rows = nonfinite_steps(run)
+    if rows[onset:].any():
+        return True
+    loss = np.asarray(run.trace.main.loss, float)
+    start = float(np.median(loss[max(0, onset - 5): onset + 1] if onset else loss[:5]))
+    after = loss[onset:]
+    level = np.array([np.median(after[i:i + 5]) for i in range(max(1, len(after) - 4))])
+    if start > 0 and np.nanmax(level) > DIVERGE_RISE * start:
+        return True
+    return not run.train_loss_after < run.train_loss_before
+
+
 def rescued(run: RunResult, twin: RunResult) -> tuple[bool, str]:
     """The rescue criterion: finite, final training loss below the first, and (classifiers) test
     accuracy at least :data:`RESCUE_ACCURACY` x the twin's. Returns the verdict and the numbers."""
@@ -216,6 +238,6 @@ def rescued(run: RunResult, twin: RunResult) -> tuple[bool, str]:
     return ok, note
 
 
-__all__ = ["ABOVE_CHANCE", "LEARN_RATIO", "LOSS_FACTOR", "NEAR_CHANCE", "NORM_FACTOR", "RESCUE_ACCURACY",
-           "above_chance", "at_chance", "confirm", "first_nonfinite", "global_norm", "healthy", "nonfinite_steps",
-           "rescued"]
+__all__ = ["ABOVE_CHANCE", "DIVERGE_RISE", "LEARN_RATIO", "LOSS_FACTOR", "NEAR_CHANCE", "NORM_FACTOR",
+           "RESCUE_ACCURACY", "above_chance", "at_chance", "confirm", "diverged", "first_nonfinite", "global_norm",
+           "healthy", "nonfinite_steps", "rescued"]

@@ -35,11 +35,11 @@ def _detection_rows(table: dict[str, dict[str, Any]]) -> list[str]:
     return rows
 
 
-def summary_markdown(s: dict[str, Any], title: str = "") -> str:
-    """The totals as markdown."""
+def summary_markdown(s: dict[str, Any], title: str = "", level: int = 2) -> str:
+    """The totals as markdown (``level``: the heading level of the title; sections one below)."""
     fa, det, res, auto = s["false_alarms"], s["detection"], s["rescue"], s["auto_on_healthy"]
     obs = s["observe_identical"]
-    lines = [f"## {title or 'Zoo'}: {s['framework']}", ""]
+    lines = [f"{'#' * level} {title or 'Zoo'}: {s['framework']}", ""]
     lines.append(
         f"{s['seeds']} seeds: **{s['healthy']} healthy** and **{s['pathological']} pathological** runs kept, "
         f"{s['dropped']} dropped (label not confirmed: {_cell(s['dropped_by'] or '-')}), {s['errors']} errors."
@@ -57,6 +57,9 @@ def summary_markdown(s: dict[str, Any], title: str = "") -> str:
               f"| diverging runs rescued by `auto` | {res['rescued']} / {res['runs']} = {_pct(res['rate'])} |",
               f"| diverging runs that survived unwatched, made to fail by `auto` | {res['harmed_by_auto']} / "
               f"{res['survived_unwatched']} |",
+              f"| broken from the start but not diverging (loss falls unwatched; not in the rescue rate): "
+              f"meet the rescue criterion under `auto` | {res.get('broken_meets_criterion_under_auto', 0)} / "
+              f"{res.get('broken_not_diverging', 0)} |",
               f"| healthy runs changed by `auto` (training action or parameters not bit-equal) | {auto['changed']} / "
               f"{auto['runs']} = {_pct(auto['share'])}; runs with each action: {_cell(auto['runs_with_action'] or '-')} |",
               f"| healthy `auto` runs not bit-equal without any training action | {auto['not_identical_without_action']} |",
@@ -81,7 +84,8 @@ def summary_markdown(s: dict[str, Any], title: str = "") -> str:
         lines += [f"| {k} | {n} |" for k, n in fa["by_tag"].items()]
         lines += ["", "| kind: family | runs |", "| --- | ---: |"]
         lines += [f"| {k} | {n} |" for k, n in fa["by_family"].items()]
-    return "\n".join(lines)
+    sub = "#" * (level + 1) + " "
+    return "\n".join(sub + line[4:] if i and line.startswith("### ") else line for i, line in enumerate(lines))
 
 
 def failures_markdown(outcomes: Sequence[ZooOutcome]) -> str:
@@ -104,7 +108,8 @@ def failures_markdown(outcomes: Sequence[ZooOutcome]) -> str:
             for o in kept if o.needs_rescue and not o.rescued]
     sections.append(("Failed rescues", ["seed", "spec", "unwatched", "auto", "actions (first)", "auto's findings"], rows))
     rows = [[o.seed, o.line, _numbers(o.unwatched), o.rescue_note, _actions(o)]
-            for o in kept if o.needs_rescue is False and o.rescued is False]
+            for o in kept if o.needs_rescue is False and o.rescued is False
+            and o.rescue_note_unwatched.startswith("ok")]
     sections.append(("Diverging runs that survived unwatched but not under auto", ["seed", "spec", "unwatched", "auto", "actions"], rows))
     rows = [[o.seed, o.line, _actions(o), "yes" if o.auto.get("identical") else "no", _numbers(o.unwatched), _numbers(o.auto)]
             for o in kept if o.healthy and o.changed]

@@ -135,7 +135,11 @@ def summarise(outcomes: Iterable[ZooOutcome], *, seconds: float | None = None) -
     by_family = Counter(f"{k}: {o.family}" for o in alarmed for k in {f["kind"] for f in o.false_alarms})
     diverging = [o for o in sick if o.pathology in DIVERGING]
     needs = [o for o in diverging if o.needs_rescue]
-    survived = [o for o in diverging if o.needs_rescue is False]
+    # Broken (the unwatched run fails the rescue criterion) but not diverging: its loss falls all
+    # the same. Not in the rescue rate; whether auto helped or hurt it is reported apart.
+    broken = [o for o in diverging if o.diverged is False and o.needs_rescue is False
+              and "fail" in o.rescue_note_unwatched]
+    survived = [o for o in diverging if o.needs_rescue is False and o not in broken]
     changed = [o for o in healthy if o.changed]
     action_runs = Counter(k for o in healthy for k, n in o.auto.get("actions", {}).items() if n)
     compared = [o for o in kept if o.observe_identical is not None]
@@ -172,6 +176,8 @@ def summarise(outcomes: Iterable[ZooOutcome], *, seconds: float | None = None) -
                              for p in PATHOLOGIES if any(o.pathology == p for o in needs)},
             "survived_unwatched": len(survived),
             "harmed_by_auto": sum(o.rescued is False for o in survived),
+            "broken_not_diverging": len(broken),
+            "broken_meets_criterion_under_auto": sum(bool(o.rescued) for o in broken),
         },
         "auto_on_healthy": {
             "runs": len(healthy), "changed": len(changed),

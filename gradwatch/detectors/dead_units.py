@@ -6,9 +6,17 @@ saturated hard activation, a masked path. One such batch means little; the same 
 least ``threshold`` of its units dead on every one of the last ``window`` measured steps does.
 
 Left out on purpose: embedding tables (rows not looked up get zero gradient by design), tensors
-with no gradient at all (frozen or unused: None in PyTorch, missing in Keras), and normalisation
-parameters. Adapters report the per-step zero fraction in ``StepStats.zero_fraction``; NaN means not
-measured.
+with no gradient at all (frozen or unused: None in PyTorch, missing in Keras), normalisation
+parameters, and the output layer (its rows are outputs: an exactly-zero row is an output the batch
+already fits, not a dead unit). A step whose whole gradient is exactly zero is not judged either: a
+run that fits its batch to zero loss has converged, it has not died. Adapters report the per-step
+zero fraction in ``StepStats.zero_fraction``; NaN means not measured.
+
+Severity follows harm: ``error`` when a layer passes almost nothing (``error_threshold``);
+``warning`` when most of it is gone (``warn_threshold``), or when the loss is not clearly below
+where the run started (or is not known); ``info`` when the run learns regardless (many inactive
+ReLUs in a network that trains well are a fact, not a fault; with a batch of one sample, half of a
+layer's ReLUs are off on any batch).
 
 References:
     Lu, Shin, Su, Karniadakis. Dying ReLU and initialization: theory and numerical examples. 2019.
@@ -34,9 +42,16 @@ class DeadUnitsState(NamedTuple):
     """Ring buffer (window x layers) of the layer's dead fraction; NaN where not measured."""
     cursor: int
     filled: int
+    losses: np.ndarray = np.zeros(0)
+    """Ring buffer (window) of the losses of the same steps; NaN where not known."""
+    start_loss: float = np.nan
+    """Median of the run's first ``window`` losses (NaN until known)."""
+    seen: int = 0
+    """Measured steps seen."""
 
 
-def dead_units(*, threshold: float = 0.5, window: int = 10, error_threshold: float = 0.95) -> Detector:
+def dead_units(*, threshold: float = 0.5, window: int = 10, error_threshold: float = 0.95,
+               warn_threshold: float = 0.7, min_progress: float = 0.1) -> Detector:
     """Detect layers whose units have stopped receiving gradient.
 
     Args:
@@ -45,6 +60,11 @@ def dead_units(*, threshold: float = 0.5, window: int = 10, error_threshold: flo
         window: Consecutive measured steps. Defaults to 10.
         error_threshold: At or above this share the finding is an ``error`` (the layer passes
             almost nothing). Defaults to 0.95.
+        warn_threshold: At or above this share the finding is at least a ``warning``.
+            Defaults to 0.7.
+        min_progress: Below ``warn_threshold``, a loss (median of the window) at least this share
+            below the run's starting loss (median of its first ``window`` losses) makes the
+            finding ``info``: the run learns regardless. Defaults to 0.1.
 
     Returns:
         The detector.
@@ -71,21 +91,33 @@ def dead_units(*, threshold: float = 0.5, window: int = 10, error_threshold: flo
 
     def init(layout: Layout) -> DeadUnitsState:
         names = layout.layer_names()
-        layers = tuple(names[i] for i in layout.layers_with(JUDGED_ROLES))
-        return DeadUnitsState(layers, np.full((window, len(layers)), np.nan), 0, 0)
+        judged = layout.layers_with(JUDGED_ROLES)
+        output = layout.layers_with(("weight",))[-1:] if len(layout.layers_with(("weight",))) > 1 else ()
+        layers = tuple(names[i] for i in judged if i not in set(np.asarray(output).tolist()))
+        return DeadUnitsState(layers, np.full((window, len(layers)), np.nan), 0, 0, np.full(window, np.nan))
 
     def update(stats: StepStats, state: DeadUnitsState) -> tuple[list[Finding], DeadUnitsState]:
         if not state.layers:
             return [], state
         layout = stats.layout
-        judged = stats.has_grad & layout.role_mask(JUDGED_ROLES) & np.isfinite(stats.zero_fraction)
-        values = np.where(judged, stats.zero_fraction, -1.0)
-        per_layer = np.where(layout.membership, values[None, :], -1.0).max(1)
-        row = per_layer[layout.layers_with(JUDGED_ROLES)]
-        row = np.where(row < 0, np.nan, row)
+        names = layout.layer_names()
+        if stats.finite and stats.global_norm == 0.0:
+            row = np.full(len(state.layers), np.nan)  # converged on this batch: nothing to judge
+        else:
+            judged = stats.has_grad & layout.role_mask(JUDGED_ROLES) & np.isfinite(stats.zero_fraction)
+            values = np.where(judged, stats.zero_fraction, -1.0)
+            per_layer = np.where(layout.membership, values[None, :], -1.0).max(1)
+            position = {name: i for i, name in enumerate(names)}
+            row = per_layer[[position[name] for name in state.layers]]
+            row = np.where(row < 0, np.nan, row)
         fractions, cursor = push(state.fractions, state.cursor, row)
+        loss = stats.loss if stats.loss is not None else np.nan
+        losses, _ = push(state.losses, state.cursor, loss)
         filled = min(state.filled + 1, window)
-        new_state = DeadUnitsState(state.layers, fractions, cursor, filled)
+        start = state.start_loss
+        if np.isnan(start) and state.filled + 1 >= window and np.isfinite(losses).all():
+            start = float(np.median(losses))
+        new_state = DeadUnitsState(state.layers, fractions, cursor, filled, losses, start, state.seen + 1)
         if filled < window:
             return [], new_state
         history = fractions  # full ring: its minimum does not depend on the order
@@ -96,23 +128,43 @@ def dead_units(*, threshold: float = 0.5, window: int = 10, error_threshold: flo
         idx = np.flatnonzero(hit)
         layers = tuple(state.layers[i] for i in idx)
         worst = float(lowest[idx].max())
+        progress = _progress(losses, start)
+        if worst < warn_threshold and (state.seen + 1 < 3 * window or not np.isfinite(start)):
+            return [], new_state  # harm not judged yet: give the run three windows to show progress
+        if worst >= error_threshold:
+            severity = "error"
+        elif worst < warn_threshold and progress >= min_progress:
+            severity = "info"  # the run learns regardless: a fact about the model, not a fault
+        else:
+            severity = "warning"
         detail = ", ".join(f"{state.layers[i]} {lowest[i]:.0%}" for i in idx[:4])
         finding = Finding(
             kind="dead_units",
-            severity="error" if worst >= error_threshold else "warning",
+            severity=severity,
             step=stats.step,
             layers=layers,
             message=(
                 f"Dead units: exactly-zero gradient for {window} steps in a row in {detail}"
-                f"{' ...' if len(idx) > 4 else ''}. Dying ReLUs? Lower the learning rate, use "
-                "LeakyReLU/GELU, or initialise biases >= 0 with He initialisation."
+                f"{' ...' if len(idx) > 4 else ''}"
+                + (" (the run learns regardless)." if severity == "info" else
+                   ". Dying ReLUs? Lower the learning rate, use LeakyReLU/GELU, or initialise biases >= 0 "
+                   "with He initialisation.")
             ),
             evidence={
                 "dead_fraction": {state.layers[i]: float(lowest[i]) for i in idx},
                 "threshold": threshold,
                 "window": window,
+                "loss_progress": progress,
             },
         )
         return [finding], new_state
 
     return Detector("dead_units", init, update)
+
+
+def _progress(losses: np.ndarray, start: float) -> float:
+    """How far below the run's starting loss the window's median loss is, as a share of the
+    start; 0 when either is not known (no progress can be claimed)."""
+    if not np.isfinite(start) or start == 0 or not np.isfinite(losses).all():
+        return 0.0
+    return (start - float(np.median(losses))) / abs(start)

@@ -1,29 +1,51 @@
-"""``exploding``: the global gradient norm leaves the run's own recent range.
+"""``exploding``: the step size is too large for the model — seen in the gradients, the weights and
+the loss, against the run's own history and against absolute, scale-free limits from step 0.
 
-Three rules, each judged against the run's own history rather than a fixed number:
+Rules, each a finding of kind ``exploding`` whose evidence names the ``rule``:
 
-1. **Spike** (severity ``warning``): the log of the global norm is more than ``z_threshold``
-   standard deviations *and* ``min_ratio`` times above its exponential moving average. The EMA is
-   updated with the clipped value on a spike, as in ZClip, so a lasting change of regime is
-   absorbed slowly instead of being flagged forever. Judged only after ``warmup`` finite steps.
-2. **Sustained growth** (severity ``error``): over the last ``window`` steps the norm rose by more
-   than ``growth_factor`` (or by ``growth_factor ** 1.25`` over ``2 * window`` steps: a slower
-   divergence), most step-to-step changes were increases, and the newest value is the largest. Needs no warm-up, so a run that diverges from step 0 is caught too: judged from the
-   third finite step on, over the steps seen so far, so that a run which grows ``growth_factor``
-   in fewer than ``window`` steps and then turns non-finite is still called an explosion.
-3. **Update-to-weight ratio** (severity ``warning``): when the adapter measures the update, any
-   weight tensor whose update is larger than ``max_update_ratio`` times its norm.
+1. **Spike** (``warning``): the log of the global norm is more than ``z_threshold`` standard
+   deviations *and* ``min_ratio`` times above its exponential moving average, after ``warmup``
+   finite steps, on two measured steps in a row — or on one, when the jump is ``big_ratio`` times
+   or more. One moderate outlier is what a short last batch or a batch of two produces; an
+   explosion does not come back down the next step. The EMA is fed the clipped value on a jump
+   (ZClip), so a lasting change of regime is absorbed slowly. A norm that stays below
+   ``floor_share`` of the level the run started at is not judged: a run that has converged to
+   tiny gradients and jumps back up towards its early level is not exploding.
+2. **Sustained growth** (``error``): over the last ``window`` steps (``2 * window`` for a slower
+   divergence, at ``growth_factor ** 1.25``) the norm rose by ``growth_factor``, measured from the
+   median of its first three steps to the smaller of the two newest (so one noisy step proves nothing),
+   with most step-to-step changes up and the newest the largest. Judged from the fourth finite
+   step on: a run that diverges from step 0 is caught too.
+3. **An explosion that ends in NaN** (``error``): the first non-finite step after finite norms
+   that grew ``nan_growth`` times over the recent steps, or after a gradient larger than the
+   weights themselves. The NaN is the symptom (``nonfinite`` reports it); this is the cause.
+4. **The loss runs away** (``warning``, ``error`` past ``10 * loss_rise``): the median of the last
+   seven losses is ``loss_rise`` times the median of the first seven. Training lowers the loss: a
+   run whose loss climbs far above where it started is broken whatever its gradients look like.
+   And (``error``, advice only: no automatic remedy) when the adapter knows the loss function's
+   chance level (``StepStats.chance_loss``, ``ln C`` for a C-class cross-entropy), a loss
+   ``chance_ratio`` times that level from the first steps on: the outputs are far too large (the
+   weights ×30 at init, an exploding recurrence) — a run broken from step 0.
+5. **Updates as large as the weights** (``warning``): between two steps whose parameter norms were
+   measured, the norm of all weight tensors together changed by more than ``max_update`` of
+   itself while the loss rose by half or more: the learning rate is too high (Adam at 1.0 kills
+   the units this way at once). A first large update that the loss takes well is how a small
+   convex model starts under Adagrad or Adam. With an adapter that measures the update itself
+   (``StepStats.update_norm``), any weight tensor whose update exceeds ``max_update`` times its norm.
 
-Learning-rate warm-up moves the norm by small factors over many steps; it passes rule 1 because
-the EMA follows it, and rule 2 because it grows by far less than ``growth_factor`` per window.
+Learning-rate warm-up moves the norm by small factors over many steps; the EMA follows it.
 
-Each finding carries ``clip_threshold`` in its evidence: ``exp(mean + clip_z * std)`` of the log
-norm over healthy steps, the level the policy clips to.
+Each finding carries ``clip_threshold`` (``exp(mean + clip_z * std)`` of the log norm over healthy
+steps, the level the policy clips to) and ``remedy``: ``"clip"`` where clipping the step holds it
+(a spike: one bad batch), ``"lr"`` where the step size itself must come down (growth, a NaN after
+growth, the loss running away, updates as large as the weights), ``"report"`` where no automatic
+remedy fits (a loss far above chance from step 0: the init, which only the user can change).
 
 References:
     Pascanu, Mikolov, Bengio. On the difficulty of training recurrent neural networks. ICML 2013.
     Kumar et al. ZClip: Adaptive spike mitigation for LLM pre-training. arXiv:2504.02507, 2025.
-    Seetharaman et al. AutoClip: Adaptive gradient clipping for source separation networks. 2020.
+    Brock, De, Smith, Simonyan. High-performance large-scale image recognition without
+    normalization. ICML 2021 (update and gradient sizes relative to the weights).
 """
 
 from __future__ import annotations
@@ -33,9 +55,22 @@ from typing import NamedTuple
 
 import numpy as np
 
-from gradwatch.detectors.base import Detector, check_positive, ema, ordered, push
+from gradwatch.detectors.base import Detector, check_positive, ema, median, ordered, push
 from gradwatch.findings import Finding
 from gradwatch.stats import Layout, StepStats
+
+LOSS_WINDOW = 7
+"""Losses whose median makes a level (start and now): a few noisy batches (of one sample each,
+say) do not move it."""
+SANE_UPDATE = 0.01
+"""A healthy step changes the weights by about this share of them (1e-3 to 1e-2 is the usual
+range); an update ``change`` times the weights suggests an LR ``SANE_UPDATE / change`` times lower."""
+EARLY_STEPS = 5
+HUGE_RATIO = 10.0
+"""In the first steps, a gradient norm this many times the weights' norm, right before a NaN,
+is an explosion from step 0. (A gradient as large as the weights is ordinary in a small model at
+init: a NaN after one is as likely to come from the batch.)"""
+"""Finite steps during which a NaN after a gradient larger than the weights is an explosion."""
 
 
 class ExplodingState(NamedTuple):
@@ -44,10 +79,28 @@ class ExplodingState(NamedTuple):
     log_mean: float
     log_var: float
     recent: np.ndarray
-    """Ring buffer of the last ``window`` log global norms."""
+    """Ring buffer of the last ``2 * window`` log global norms."""
     cursor: int
     tensor_log_mean: np.ndarray
     """Per-tensor EMA of the log grad norm (to name the layers that explode)."""
+    pending: bool = False
+    """The previous measured step was a moderate jump: a second one in a row is an explosion."""
+    early: float = math.nan
+    """Median log norm of the first ``warmup`` finite steps: the level the run started at."""
+    nonfinite_before: bool = False
+    """The previous measured step was non-finite (rule 3 judges the first of a run of them)."""
+    losses: tuple = ()
+    """The last ``LOSS_WINDOW`` finite losses (rule 4)."""
+    loss_start: float = math.nan
+    """Median of the first ``LOSS_WINDOW`` finite losses."""
+    weight_norm: float = math.nan
+    """Norm of all weight tensors together at the last step that measured it (rule 5)."""
+    weight_step: int = -1
+    """That step."""
+    last_loss: float = math.nan
+    """The loss of that step."""
+    last_ratio: float = math.nan
+    """The last finite step's global gradient norm over its weights' norm (rule 3, step 0)."""
 
 
 def exploding(
@@ -56,21 +109,33 @@ def exploding(
     alpha: float = 0.05,
     z_threshold: float = 6.0,
     min_ratio: float = 4.0,
+    big_ratio: float = 100.0,
+    floor_share: float = 0.1,
     window: int = 10,
     growth_factor: float = 100.0,
-    max_update_ratio: float = 1.0,
+    nan_growth: float = 10.0,
+    loss_rise: float = 3.0,
+    chance_ratio: float = 10.0,
+    max_update: float = 1.0,
     clip_z: float = 2.0,
 ) -> Detector:
-    """Detect gradient explosions against the run's own norm history.
+    """Detect steps too large for the model (see the module docstring for the rules).
 
     Args:
         warmup: Finite steps to observe before spikes are judged. Defaults to 20.
         alpha: EMA weight of a new step. Defaults to 0.05 (about 20 steps of memory).
-        z_threshold: Standard deviations (of the log norm) above the EMA for a spike. Defaults to 6.0.
-        min_ratio: A spike must also be this many times the EMA norm. Defaults to 4.0.
+        z_threshold: Standard deviations (of the log norm) above the EMA for a jump. Defaults to 6.0.
+        min_ratio: A jump must also be this many times the EMA norm. Defaults to 4.0.
+        big_ratio: A jump this many times the EMA is an explosion on its own. Defaults to 100.0.
+        floor_share: Norms below this share of the run's early level are not judged for spikes.
+            Defaults to 0.1.
         window: Steps over which sustained growth is judged. Defaults to 10.
         growth_factor: Growth over ``window`` steps that counts as an explosion. Defaults to 100.0.
-        max_update_ratio: Largest update-to-weight ratio tolerated, when measured. Defaults to 1.0.
+        nan_growth: Growth before a NaN that makes the NaN an explosion's. Defaults to 10.0.
+        loss_rise: Rise of the loss over its starting level that counts as running away.
+            Defaults to 3.0.
+        chance_ratio: Loss over its chance level that counts as running away. Defaults to 10.0.
+        max_update: Change of the weights' norm in one step, as a share of it. Defaults to 1.0.
         clip_z: Standard deviations above the EMA for the suggested clip level. Defaults to 2.0.
 
     Returns:
@@ -92,34 +157,41 @@ def exploding(
         True
     """
     check_positive("alpha", alpha, below=1.0)
-    check_positive("z_threshold", z_threshold)
-    check_positive("growth_factor", growth_factor)
-    check_positive("max_update_ratio", max_update_ratio)
-    if min_ratio < 1.0:
-        raise ValueError(f"min_ratio must be >= 1.0. Received min_ratio={min_ratio!r}.")
+    for name, value in (("z_threshold", z_threshold), ("growth_factor", growth_factor), ("max_update", max_update),
+                        ("floor_share", floor_share), ("nan_growth", nan_growth), ("loss_rise", loss_rise),
+                        ("chance_ratio", chance_ratio)):
+        check_positive(name, value)
+    if not 1.0 <= min_ratio <= big_ratio:
+        raise ValueError(f"exploding needs 1 <= min_ratio <= big_ratio. Received min_ratio={min_ratio!r}, "
+                         f"big_ratio={big_ratio!r}.")
     if warmup < 2 or window < 3:
         raise ValueError(f"exploding needs warmup >= 2 and window >= 3. Received warmup={warmup}, window={window}.")
 
     def init(layout: Layout) -> ExplodingState:
         return ExplodingState(
-            seen=0,
-            log_mean=0.0,
-            log_var=0.0,
-            recent=np.zeros(2 * window),
-            cursor=0,
+            seen=0, log_mean=0.0, log_var=0.0, recent=np.zeros(2 * window), cursor=0,
             tensor_log_mean=np.full(len(layout), np.nan),
         )
 
     def update(stats: StepStats, state: ExplodingState) -> tuple[list[Finding], ExplodingState]:
-        norm = stats.global_norm
-        if not stats.finite or not math.isfinite(norm) or norm <= 0.0:
-            return [], state
-        log_norm = math.log(norm)
         findings: list[Finding] = []
+        state = _judge_loss(stats, state, findings, loss_rise, chance_ratio)
+        norm = stats.global_norm
+        if not stats.finite or not math.isfinite(norm):
+            if not state.nonfinite_before:
+                _after_growth(stats, state, findings, window, nan_growth)
+            return findings, state._replace(nonfinite_before=True, pending=False)
+        state = _judge_weights(stats, state, findings, max_update)
+        if norm <= 0.0:
+            return findings, state
+        log_norm = math.log(norm)
         std = math.sqrt(max(state.log_var, 0.0))
         warm = state.seen >= warmup
         threshold = max(z_threshold * std, math.log(min_ratio))
-        spike = warm and log_norm - state.log_mean > threshold
+        above_floor = not math.isfinite(state.early) or log_norm >= state.early + math.log(floor_share)
+        jump = warm and above_floor and log_norm - state.log_mean > threshold
+        ratio = math.exp(log_norm - state.log_mean) if state.seen else 1.0
+        spike = jump and (state.pending or ratio >= big_ratio)
         clip_level = math.exp(state.log_mean + clip_z * std) if state.seen else norm
 
         measured = stats.has_grad & (stats.grad_norm > 0)
@@ -129,8 +201,9 @@ def exploding(
         history = ordered(recent, cursor, filled)
 
         if spike:
-            ratio = norm / math.exp(state.log_mean)
             layers = _exploding_layers(stats, tensor_log, state.tensor_log_mean, min_ratio)
+            z = (log_norm - state.log_mean) / max(std, 1e-12)
+            again = " on two steps in a row" if ratio < big_ratio else ""
             findings.append(Finding(
                 kind="exploding",
                 severity="warning",
@@ -138,24 +211,17 @@ def exploding(
                 layers=layers,
                 message=(
                     f"Global gradient norm {norm:.3g} is {ratio:.0f}x its recent level "
-                    f"({math.exp(state.log_mean):.3g}, z={(log_norm - state.log_mean) / max(std, 1e-12):.1f} "
-                    f"in log space); largest jumps in {', '.join(layers[:3]) or 'all layers'}. "
-                    f"Clip the global norm at ~{clip_level:.3g}."
+                    f"({math.exp(state.log_mean):.3g}, z={z:.1f} in log space){again}; largest jumps in "
+                    f"{', '.join(layers[:3]) or 'all layers'}. Clip the global norm at ~{clip_level:.3g}."
                 ),
-                evidence={
-                    "rule": "spike",
-                    "global_norm": norm,
-                    "ema_norm": math.exp(state.log_mean),
-                    "ratio": ratio,
-                    "z": (log_norm - state.log_mean) / max(std, 1e-12),
-                    "clip_threshold": clip_level,
-                },
+                evidence={"rule": "spike", "global_norm": norm, "ema_norm": math.exp(state.log_mean),
+                          "ratio": ratio, "z": z, "clip_threshold": clip_level, "remedy": "clip"},
             ))
         growth_span = _sustained_growth(history, window, math.log(growth_factor))
         if growth_span:
             span = history[-growth_span:]
             layers = _exploding_layers(stats, tensor_log, state.tensor_log_mean, 1.0)
-            growth = math.exp(span[-1] - span.min())
+            growth = math.exp(min(span[-2:]) - _start_level(span))
             findings.append(Finding(
                 kind="exploding",
                 severity="error",
@@ -167,34 +233,19 @@ def exploding(
                     "rate or clip the gradient norm."
                 ),
                 evidence={
-                    "rule": "growth",
-                    "global_norm": norm,
-                    "growth": growth,
-                    "window": growth_span,
+                    "rule": "growth", "global_norm": norm, "growth": growth, "window": growth_span,
                     "clip_threshold": min(clip_level, math.exp(span.min()) * min_ratio)
                     if warm else math.exp(span.min()) * min_ratio,
+                    # a divergence, not one bad batch: the step size must come down
+                    "remedy": "lr",
                 },
             ))
         if stats.layout.roles and np.isfinite(stats.update_norm).any():
-            ratio_u = _update_ratios(stats)
-            big = [stats.layout.layers[i] for i in np.flatnonzero(ratio_u > max_update_ratio)]
-            if big:
-                findings.append(Finding(
-                    kind="exploding",
-                    severity="warning",
-                    step=stats.step,
-                    layers=tuple(dict.fromkeys(big)),
-                    message=(
-                        f"Updates larger than {max_update_ratio:g}x the weights in "
-                        f"{', '.join(dict.fromkeys(big))}: the learning rate is too high for them."
-                    ),
-                    evidence={"rule": "update_ratio", "max_update_ratio": float(np.nanmax(ratio_u)),
-                              "clip_threshold": clip_level},
-                ))
+            _update_ratio_rule(stats, findings, max_update, clip_level)
 
-        # EMA update; on a spike feed the clipped value (ZClip) so a new regime is absorbed slowly.
+        # EMA update; on a jump feed the clipped value (ZClip) so a new regime is absorbed slowly.
         rate = max(alpha, 1.0 / (state.seen + 1))
-        observed = min(log_norm, state.log_mean + threshold) if spike else log_norm
+        observed = min(log_norm, state.log_mean + threshold) if jump else log_norm
         log_mean, log_var = ema(state.log_mean, state.log_var, observed, rate) if state.seen else (observed, 0.0)
         tensor_mean = np.where(
             np.isnan(state.tensor_log_mean), tensor_log,
@@ -202,32 +253,180 @@ def exploding(
                      state.tensor_log_mean + rate * (np.minimum(tensor_log, state.tensor_log_mean + threshold)
                                                      - state.tensor_log_mean)),
         )
-        return findings, ExplodingState(
-            seen=state.seen + 1,
-            log_mean=float(log_mean),
-            log_var=float(log_var),
-            recent=recent,
-            cursor=cursor,
-            tensor_log_mean=tensor_mean,
+        early = state.early
+        if state.seen + 1 <= warmup:  # the level the run starts at: the median of its first steps
+            early = median(history[-min(filled, warmup):])
+        weights = _weights_norm(stats)
+        ratio_to_weights = norm / weights if math.isfinite(weights) and weights > 0 else state.last_ratio
+        return findings, state._replace(
+            seen=state.seen + 1, log_mean=float(log_mean), log_var=float(log_var), recent=recent, cursor=cursor,
+            tensor_log_mean=tensor_mean, pending=jump and not spike, early=float(early),
+            nonfinite_before=False, last_ratio=float(ratio_to_weights),
         )
 
     return Detector("exploding", init, update)
 
 
+# -- rule 3: an explosion that ends in NaN -----------------------------------------------------------
+
+
+def _after_growth(stats: StepStats, state: ExplodingState, findings: list[Finding], window: int,
+                  nan_growth: float) -> None:
+    if state.seen == 0:
+        return
+    history = ordered(state.recent, state.cursor, min(state.seen, 2 * window))[-window:]
+    grew = history[-1] - history.min() if len(history) >= 2 else 0.0
+    rising = len(history) >= 2 and history[-1] >= history.max()
+    # In the first steps there is no history to grow from: a gradient an order of magnitude larger
+    # than the weights it belongs to, right before the NaN, says the same (broken from step 0).
+    huge = state.seen < EARLY_STEPS and math.isfinite(state.last_ratio) and state.last_ratio >= HUGE_RATIO
+    if not ((rising and grew >= math.log(nan_growth)) or huge):
+        return
+    why = (f"grew {math.exp(grew):.0f}x over the last {len(history)} steps" if rising and grew >= math.log(nan_growth)
+           else f"was {state.last_ratio:.3g}x the norm of the weights themselves")
+    findings.append(Finding(
+        kind="exploding",
+        severity="error",
+        step=stats.step,
+        layers=(),
+        message=(
+            f"The gradient norm {why} and then turned non-finite: the run exploded (the NaN/Inf is "
+            "its result). Lower the learning rate, or clip the gradient norm."
+        ),
+        evidence={"rule": "nonfinite_after_growth", "growth": math.exp(grew), "ratio_to_weights": state.last_ratio,
+                  "clip_threshold": math.exp(history.min()) if len(history) else math.inf, "remedy": "lr"},
+    ))
+
+
+# -- rule 4: the loss runs away ----------------------------------------------------------------------
+
+
+def _judge_loss(stats: StepStats, state: ExplodingState, findings: list[Finding], loss_rise: float,
+                chance_ratio: float) -> ExplodingState:
+    loss = stats.loss
+    if loss is None or not math.isfinite(loss):
+        return state
+    losses = (state.losses + (loss,))[-LOSS_WINDOW:]
+    start = state.loss_start
+    if math.isnan(start) and len(losses) == LOSS_WINDOW:
+        start = median(np.array(losses))
+    state = state._replace(losses=losses, loss_start=float(start))
+    level = median(np.array(losses))
+    chance = stats.chance_loss
+    if chance is not None and chance > 0 and level > chance_ratio * chance:
+        findings.append(Finding(
+            kind="exploding",
+            severity="error",
+            step=stats.step,
+            layers=(),
+            message=(
+                f"The loss is {level:.4g}, {level / chance:.0f}x what a model that knows nothing scores "
+                f"({chance:.3g}): the outputs are far too large. Check the initialisation scale and "
+                "lower the learning rate."
+            ),
+            evidence={"rule": "loss_over_chance", "loss": level, "chance_loss": chance,
+                      "clip_threshold": math.inf, "remedy": "report"},
+        ))
+    elif len(losses) == LOSS_WINDOW and math.isfinite(start) and start > 0 and level > loss_rise * start:
+        findings.append(Finding(
+            kind="exploding",
+            severity="error" if level > 10 * loss_rise * start else "warning",
+            step=stats.step,
+            layers=(),
+            message=(
+                f"The loss rose to {level:.4g}, {level / start:.3g}x where the run started ({start:.4g}): "
+                "the steps are too large and the run diverges. Lower the learning rate."
+            ),
+            evidence={"rule": "loss_rise", "loss": level, "start_loss": start,
+                      "clip_threshold": math.inf, "remedy": "lr"},
+        ))
+    return state
+
+
+# -- rule 5: updates as large as the weights --------------------------------------------------------
+
+
+def _weights_norm(stats: StepStats) -> float:
+    if not stats.params_measured:
+        return math.nan
+    weight = stats.layout.role_mask(("weight",)) & stats.has_grad & np.isfinite(stats.param_norm)
+    if not weight.any():
+        return math.nan
+    return float(np.sqrt(np.sum(stats.param_norm[weight] ** 2)))
+
+
+def _judge_weights(stats: StepStats, state: ExplodingState, findings: list[Finding], max_update: float) -> ExplodingState:
+    weights = _weights_norm(stats)
+    if not math.isfinite(weights):
+        return state
+    loss = stats.loss if stats.loss is not None and math.isfinite(stats.loss) else math.nan
+    previous, consecutive = state.weight_norm, state.weight_step == stats.step - 1
+    if consecutive and math.isfinite(previous) and previous > 0:
+        change = abs(weights - previous) / previous
+        rose = (loss >= 1.5 * state.last_loss) if math.isfinite(loss) and math.isfinite(state.last_loss) else None
+        if change > max_update and (rose or (rose is None and change > 3 * max_update)):
+            findings.append(Finding(
+                kind="exploding",
+                severity="warning",
+                step=stats.step,
+                layers=(),
+                message=(
+                    f"One update changed the weights' norm by {change:.0%} ({previous:.3g} -> {weights:.3g}) "
+                    "and the loss rose: the learning rate is far too high for this model."
+                ),
+                evidence={"rule": "update_ratio", "weight_norm": weights, "previous_weight_norm": previous,
+                          "change": change, "clip_threshold": math.inf, "remedy": "lr",
+                          # what brings the update back to ~1% of the weights (a healthy step)
+                          "lr_factor_hint": SANE_UPDATE / change},
+            ))
+    return state._replace(weight_norm=weights, weight_step=stats.step, last_loss=loss)
+
+
+def _update_ratio_rule(stats: StepStats, findings: list[Finding], max_update: float, clip_level: float) -> None:
+    weight = np.array([r == "weight" for r in stats.layout.roles])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = stats.update_norm / stats.param_norm
+    ratio_u = np.where(weight & stats.has_grad & np.isfinite(ratio), ratio, 0.0)
+    big = [stats.layout.layers[i] for i in np.flatnonzero(ratio_u > max_update)]
+    if big:
+        findings.append(Finding(
+            kind="exploding",
+            severity="warning",
+            step=stats.step,
+            layers=tuple(dict.fromkeys(big)),
+            message=(
+                f"Updates larger than {max_update:g}x the weights in {', '.join(dict.fromkeys(big))}: the "
+                "learning rate is too high for them."
+            ),
+            evidence={"rule": "update_ratio", "max_update_ratio": float(np.nanmax(ratio_u)),
+                      "clip_threshold": clip_level, "remedy": "lr"},
+        ))
+
+
+# -- shared ------------------------------------------------------------------------------------------
+
+
 def _sustained_growth(history: np.ndarray, window: int, log_factor: float) -> int:
     """The span (in steps) over which the log norms in ``history`` (oldest first) show sustained
-    growth, or 0: ``factor`` over the last ``window`` steps (judged from the third step on), or
+    growth, or 0: ``factor`` over the last ``window`` steps (judged from the fourth step on), or
     ``factor ** 1.25`` over ``2 * window`` steps (a slower divergence, e.g. 1.4x per step), each
-    with most step-to-step changes up and the newest value the largest."""
+    measured from the median of its first three steps to the smaller of the two newest, with most
+    step-to-step changes up and the newest value the largest."""
     for span, needed in ((window, log_factor), (2 * window, 1.25 * log_factor)):
         part = history[-span:]
-        if len(part) < 3 or (span > window and len(part) < span):
+        if len(part) < 4 or (span > window and len(part) < span):
             continue
-        rise = part[-1] - part.min()
+        rise = min(part[-2:]) - _start_level(part)
         ups = np.count_nonzero(np.diff(part) > 0) / (len(part) - 1)
         if rise > needed and ups >= 0.6 and part[-1] >= part.max():
             return len(part)
     return 0
+
+
+def _start_level(part: np.ndarray) -> float:
+    """Where a span of log norms starts: the median of its first (up to) three values, leaving out
+    the two newest that are being judged."""
+    return median(part[: max(1, min(3, len(part) - 2))])
 
 
 def _exploding_layers(
@@ -243,10 +442,3 @@ def _exploding_layers(
         share = np.where(stats.has_grad, np.nan_to_num(stats.grad_norm) ** 2, 0.0)
         picked = [stats.layout.layers[i] for i in np.argsort(-share)[:3] if share[i] > 0]
     return tuple(dict.fromkeys(picked))
-
-
-def _update_ratios(stats: StepStats) -> np.ndarray:
-    weight = np.array([r == "weight" for r in stats.layout.roles])
-    with np.errstate(divide="ignore", invalid="ignore"):
-        ratio = stats.update_norm / stats.param_norm
-    return np.where(weight & stats.has_grad & np.isfinite(ratio), ratio, 0.0)

@@ -1,14 +1,29 @@
-"""``loss_spike``: the training loss jumps far above its running statistics.
+"""``loss_spike``: one step's loss far outside what the run's recent losses make ordinary.
 
-Judged only when the adapter supplies the loss. A step's loss is a spike when it exceeds the EMA
-of the loss by more than ``z_threshold`` standard deviations *and* by ``min_relative`` of the
-EMA's magnitude (the second condition keeps a run that has converged, whose variance is tiny,
-from flagging ordinary noise). Spikes are fed to the EMA clipped, so one outlier does not blind
-the detector to the next. Non-finite losses are the ``nonfinite`` detector's business.
+Judged only when the adapter supplies the loss. A batch's loss is a sample: its spread depends on
+the batch size (a batch of one sample swings as far as single samples do), on label smoothing, on
+how far training has gone. So the rule is robust and relative to the run's own recent losses, not
+to a fixed number, and asks three things of a spike, after ``warmup`` losses:
+
+1. it is far above the recent median: by more than ``z_threshold`` robust standard deviations
+   (the median absolute deviation of the last ``window`` losses, scaled) and by more than
+   ``min_relative`` of the median itself;
+2. it is beyond anything recent: more than ``max_ratio`` times the largest of the last ``window``
+   losses. Small batches produce large losses now and then; the largest of the recent ones says how
+   large is ordinary for *this* run;
+3. it matters on the run's own scale: the jump is at least ``min_share`` of the loss the run
+   started from (a converged run at 1e-7 that goes to 1e-5 has not spiked).
+
+Severity follows harm: a spike the run shrugs off is ``info`` (with batches of a few samples a
+confidently wrong one scores far above the rest); one ``warn_ratio`` times the largest recent loss
+or more (corrupt data, a broken batch) is a ``warning``. What a spike does to training shows in the
+gradients (``exploding``), which is where the remedies come from. Spikes are kept out of the
+window, so one outlier does not hide the next.
+Non-finite losses are the ``nonfinite`` detector's business.
 
 References:
     Lightning ``fabric/utilities/spike.py`` (SpikeDetection): running-mean spike detection.
-    Kumar et al. ZClip. arXiv:2504.02507, 2025 (clipped EMA updates).
+    Hampel. The influence curve and its role in robust estimation. JASA 1974 (median and MAD).
 """
 
 from __future__ import annotations
@@ -16,28 +31,49 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
-from gradwatch.detectors.base import Detector, check_positive, ema
+import numpy as np
+
+from gradwatch.detectors.base import Detector, check_positive, median, push
 from gradwatch.findings import Finding
 from gradwatch.stats import Layout, StepStats
+
+MAD_TO_STD = 1.4826
+"""The median absolute deviation of a normal distribution times this is its standard deviation."""
 
 
 class LossSpikeState(NamedTuple):
     seen: int
-    mean: float
-    var: float
+    """Finite losses seen."""
+    recent: np.ndarray
+    """Ring buffer of the last ``window`` ordinary (non-spike) losses."""
+    cursor: int
+    start: float
+    """The median of the first ``warmup`` losses: the scale the run started from."""
 
 
 def loss_spike(
-    *, warmup: int = 20, alpha: float = 0.05, z_threshold: float = 6.0, min_relative: float = 1.0
+    *,
+    warmup: int = 20,
+    window: int = 50,
+    z_threshold: float = 6.0,
+    min_relative: float = 1.0,
+    max_ratio: float = 2.0,
+    min_share: float = 0.01,
+    warn_ratio: float = 10.0,
 ) -> Detector:
     """Detect loss spikes against the loss's own recent history.
 
     Args:
-        warmup: Steps with a loss before spikes are judged. Defaults to 20.
-        alpha: EMA weight of a new step. Defaults to 0.05.
-        z_threshold: Standard deviations above the EMA. Defaults to 6.0.
-        min_relative: The loss must also exceed the EMA by this share of ``|EMA|`` (1.0: twice
-            the mean). Defaults to 1.0.
+        warmup: Losses seen before spikes are judged. Defaults to 20.
+        window: Recent losses the rule compares with. Defaults to 50.
+        z_threshold: Robust standard deviations above the recent median. Defaults to 6.0.
+        min_relative: The loss must also exceed the median by this share of it (1.0: twice the
+            median). Defaults to 1.0.
+        max_ratio: ... and be this many times the largest recent loss. Defaults to 2.0.
+        min_share: ... and jump by at least this share of the run's starting loss.
+            Defaults to 0.01.
+        warn_ratio: A spike this many times the largest recent loss is a ``warning``; smaller ones
+            are ``info``. Defaults to 10.0.
 
     Returns:
         The detector.
@@ -57,41 +93,56 @@ def loss_spike(
         >>> hits
         [30]
     """
-    check_positive("alpha", alpha, below=1.0)
     check_positive("z_threshold", z_threshold)
-    if min_relative < 0:
-        raise ValueError(f"min_relative must be >= 0. Received min_relative={min_relative!r}.")
+    if min_relative < 0 or min_share < 0 or max_ratio < 1.0:
+        raise ValueError(
+            "loss_spike needs min_relative >= 0, min_share >= 0 and max_ratio >= 1. Received "
+            f"min_relative={min_relative!r}, min_share={min_share!r}, max_ratio={max_ratio!r}."
+        )
+    if warmup < 3 or window < warmup:
+        raise ValueError(f"loss_spike needs 3 <= warmup <= window. Received warmup={warmup}, window={window}.")
 
     def init(layout: Layout) -> LossSpikeState:
-        return LossSpikeState(0, 0.0, 0.0)
+        return LossSpikeState(0, np.full(window, np.nan), 0, math.nan)
 
     def update(stats: StepStats, state: LossSpikeState) -> tuple[list[Finding], LossSpikeState]:
         loss = stats.loss
         if loss is None or not math.isfinite(loss):
             return [], state
-        std = math.sqrt(max(state.var, 0.0))
-        margin = max(z_threshold * std, min_relative * abs(state.mean))
-        spike = state.seen >= warmup and loss - state.mean > margin
-        findings = []
+        findings: list[Finding] = []
+        spike = False
+        if state.seen >= warmup:
+            recent = state.recent[np.isfinite(state.recent)]
+            center = median(recent)
+            spread = MAD_TO_STD * median(np.abs(recent - center))
+            largest = float(recent.max())
+            jump = loss - center
+            spike = (
+                jump > z_threshold * spread
+                and jump > min_relative * abs(center)
+                and loss > max_ratio * largest
+                and jump > min_share * abs(state.start)
+            )
+            if spike:
+                findings.append(Finding(
+                    kind="loss_spike",
+                    severity="warning" if loss >= warn_ratio * largest else "info",
+                    step=stats.step,
+                    layers=(),
+                    message=(
+                        f"Loss {loss:.4g} is {loss / largest:.3g}x the largest of the last {len(recent)} "
+                        f"losses (median {center:.4g}). Look at this step's batch (bad labels or outliers) "
+                        "and at the gradient findings around it."
+                    ),
+                    evidence={"loss": loss, "median_loss": center, "max_recent_loss": largest,
+                              "robust_std": spread, "start_loss": state.start},
+                ))
         if spike:
-            findings.append(Finding(
-                kind="loss_spike",
-                severity="warning",
-                step=stats.step,
-                layers=(),
-                message=(
-                    f"Loss {loss:.4g} jumped far above its running mean {state.mean:.4g} "
-                    f"(+{(loss - state.mean) / max(std, 1e-12):.1f} std). Look at this step's batch "
-                    "(bad labels or outliers) and at the gradient findings around it."
-                ),
-                evidence={"loss": loss, "ema_loss": state.mean, "ema_std": std},
-            ))
-        rate = max(alpha, 1.0 / (state.seen + 1))
-        observed = min(loss, state.mean + margin) if spike else loss
-        if state.seen == 0:
-            mean, var = observed, 0.0
-        else:
-            mean, var = ema(state.mean, state.var, observed, rate)
-        return findings, LossSpikeState(state.seen + 1, float(mean), float(var))
+            return findings, state._replace(seen=state.seen + 1)
+        recent_ring, cursor = push(state.recent, state.cursor, loss)
+        start = state.start
+        if state.seen < warmup:  # the scale the run starts from: the median of its first losses
+            start = median(recent_ring[np.isfinite(recent_ring)])
+        return findings, LossSpikeState(state.seen + 1, recent_ring, cursor, float(start))
 
     return Detector("loss_spike", init, update)

@@ -88,7 +88,8 @@ def nonfinite() -> Detector:
         if after:
             where = f"it starts at {origin!r}: the layers after it ({_name_list(after)}) are finite"
         else:
-            where = "every layer up to the output is non-finite, so it starts at the loss or the output layer"
+            where = ("every layer is non-finite, the output layer included, so it does not come from one "
+                     "layer: look at this step's input batch, its labels and the loss")
         if stats.loss is None:
             loss_note = ""
         elif np.isfinite(stats.loss):

@@ -49,6 +49,25 @@ def _fmt(value: float, spec: str = ".3g") -> str:
     return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
 
 
+def _gist(message: str) -> str:
+    """A message without its numbers: repeats of one finding with other values group together."""
+    return "".join("#" if c.isdigit() else c for c in message)[:60]
+
+
+def _grouped(items: list[Any], key: Any) -> list[str]:
+    """One line per group of items (first-seen order): the first item, and with repeats how many
+    and the latest one."""
+    groups: dict[Any, list[Any]] = {}
+    for item in items:
+        groups.setdefault(key(item), []).append(item)
+    lines = []
+    for members in groups.values():
+        lines.append(str(members[0]))
+        if len(members) > 1:
+            lines.append(f"  ... {len(members) - 1} more like it, the latest: {members[-1]}")
+    return lines
+
+
 @dataclass
 class Report:
     """A run's gradient health.
@@ -72,6 +91,9 @@ class Report:
             ``nonfinite_steps``.
         history: Recent steps for plots: ``steps``, ``global_norm``, ``loss``, ``lr_factor``,
             ``layer_names`` and ``layer_grad_norm`` (steps x layers).
+        rescued: gradwatch changed the run (skip, clip, LR, rollback) and its last steps were
+            healthy: no finding of severity warning or error and a finite loss over the last
+            ``max(20, 10%)`` measured steps. ``healthy`` stays False: the findings were real.
     """
 
     healthy: bool
@@ -88,6 +110,7 @@ class Report:
     skipped: list[dict[str, Any]] = field(default_factory=list)
     layers: list[dict[str, Any]] = field(default_factory=list)
     history: dict[str, Any] = field(default_factory=dict)
+    rescued: bool = False
 
     def worst_severity(self) -> str | None:
         """The most severe finding's severity, or None without findings."""
@@ -135,6 +158,7 @@ class Report:
             "skipped": self.skipped,
             "layers": to_json(self.layers),
             "history": to_json(self.history),
+            "rescued": self.rescued,
         }
 
     def to_json(self, indent: int | None = 2) -> str:
@@ -178,6 +202,7 @@ class Report:
             skipped=list(d.get("skipped", [])),
             layers=layers,
             history=history,
+            rescued=bool(d.get("rescued", False)),
         )
 
     @classmethod
@@ -208,12 +233,25 @@ class Report:
             )
         return "\n".join(rows)
 
+    def verdict(self) -> str:
+        """``HEALTHY``, ``RESCUED`` (unhealthy, then healthy after gradwatch's remedies) or
+        ``UNHEALTHY``."""
+        if self.healthy:
+            return "HEALTHY"
+        return "RESCUED" if self.rescued else "UNHEALTHY"
+
     def summary(self, *, table: bool = True) -> str:
-        """A readable text summary: verdict, layer table, findings, actions."""
-        verdict = "HEALTHY" if self.healthy else "UNHEALTHY"
+        """A readable text summary: verdict, layer table, findings, actions. Repeats are grouped:
+        one line per kind of finding (the first and the latest of each), and per kind of action
+        the first, the latest and the count, so the action that mattered is never hidden behind
+        a run of identical ones."""
         span = f"steps {self.first_step}-{self.last_step}" if self.steps_measured else "no steps"
-        lines = [f"gradwatch: {verdict} ({self.steps_measured} measured {span}, policy={self.policy}"
+        lines = [f"gradwatch: {self.verdict()} ({self.steps_measured} measured {span}, policy={self.policy}"
                  + (f", {self.framework}" if self.framework else "") + ")"]
+        if self.rescued:
+            last = max((f.last_step for f in self.findings if severity_rank(f.severity) >= 1), default=-1)
+            lines.append(f"  The run had problems (last at step {last}) and was healthy after gradwatch's remedies "
+                         f"({', '.join(sorted(self.action_counts))}).")
         if self.skipped_steps:
             lines.append(f"  {self.skipped_steps} step(s) skipped by the loss scaler (inf/NaN in scaled gradients); not counted as explosions.")
         if table and self.layers:
@@ -221,17 +259,14 @@ class Report:
         lines.append("")
         if self.findings:
             lines.append("Findings:")
-            lines += [f"  {f}" for f in self.findings]
+            lines += [f"  {line}" for line in _grouped(self.findings, lambda f: (f.kind, f.severity, _gist(f.message)))]
         else:
             lines.append("Findings: none")
         if self.actions:
             lines.append("Actions:")
             counts = ", ".join(f"{k} x{n}" for k, n in sorted(self.action_counts.items()))
             lines.append(f"  ({counts})")
-            shown = self.actions[-20:]
-            if len(self.actions) > len(shown):
-                lines.append(f"  ... {len(self.actions) - len(shown)} earlier actions ...")
-            lines += [f"  {a}" for a in shown]
+            lines += [f"  {line}" for line in _grouped(self.actions, lambda a: (a.kind, a.reason))]
         else:
             lines.append("Actions: none")
         return "\n".join(lines)

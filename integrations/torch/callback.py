@@ -39,7 +39,7 @@ class TrainerCallbackCore:
         sinks: :class:`gradwatch.sinks.Sink` objects or JSON Lines paths, attached to this
             callback's monitor.
         names: How layers are named (see :func:`gradwatch.integrations.torch.build_layout`).
-        rollback_every: Healthy steps between rollback snapshots (None: none).
+        rollback_every: Healthy steps in a row between rollback snapshots (None: none; ``"auto"``).
         param_norm_every: Measure parameter norms every N measured steps (0: never).
         param_norms: Deprecated boolean form of ``param_norm_every`` (True: 1, False: 0).
         monitor: A monitor to use instead of a new one.
@@ -60,7 +60,7 @@ class TrainerCallbackCore:
         strict: bool,
         sinks: Any,
         names: LayerNames,
-        rollback_every: int | None,
+        rollback_every: int | str | None,
         param_norm_every: int,
         param_norms: bool | None,
         monitor: Monitor | None,

@@ -3,7 +3,7 @@
 1. A deep sigmoid MLP: gradients vanish towards the input; gradwatch names the modules after
    which a BatchNorm/LayerNorm should go (and changes nothing in the model).
 2. An MLP whose learning rate is too high: unwatched, the run diverges to NaN; watched under
-   ``auto``, the gradient norm is clipped and the LR decayed, and the run ends finite and lower.
+   ``auto``, the run goes back to its last healthy weights with a smaller LR, and ends finite and lower.
 3. A NaN gradient behind a finite loss (``where(n > 0, h / sqrt(n), 0)`` on an all-zero row):
    the loss never shows it; unwatched, the first layer's weights silently turn NaN; watched, the
    poisoned steps are skipped and the layer where it starts is named.

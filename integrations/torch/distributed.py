@@ -103,6 +103,10 @@ class RankZeroHooks(Hooks):
         super().__init__(manager)
         self.rank = rank
 
+    @property
+    def speaks(self) -> bool:
+        return self.rank == 0
+
     def on_step(self, stats: Any, decision: Any, monitor: Any) -> None:
         if self.rank == 0:
             super().on_step(stats, decision, monitor)

@@ -28,6 +28,7 @@ loss comes from. The learning-rate factor is applied by the entry point around e
 
 from __future__ import annotations
 
+import logging
 import math
 import numbers
 from collections.abc import Callable, Sequence
@@ -38,12 +39,12 @@ import torch
 
 from gradwatch.failsafe import FailSafe
 from gradwatch.monitor import Monitor
-from gradwatch.options import check_every, check_param_norm_every
+from gradwatch.options import check_every, check_param_norm_every, check_rollback_every
 from gradwatch.policy import Controls, Decision
 from gradwatch.stats import StepStats
 
 from . import distributed as torch_distributed
-from .layout import LayerNames, TorchParams, build_layout
+from .layout import LayerNames, TorchParams, build_layout, unwrap
 from .measure import measure
 from .remedies import LRScale, Rollbacks, apply_decision, clip_grads
 
@@ -53,7 +54,63 @@ Clip = Callable[[TorchParams, float, Any, bool], None]
 still applies that). ``unmeasured``: the step was not checked for non-finite values, so a
 non-finite norm must leave the gradients alone."""
 
-__all__ = ["Clip", "StepDriver", "clip_directly"]
+__all__ = ["EARLY_PARAM_STEPS", "ROLLBACK_BUDGET_BYTES", "ROLLBACK_EVERY", "Clip", "StepDriver", "chance_loss_of",
+           "clip_directly"]
+
+ROLLBACK_EVERY = 20
+"""``rollback_every="auto"``: healthy steps in a row between two snapshots."""
+ROLLBACK_BUDGET_BYTES = 1 << 30
+"""``rollback_every="auto"`` keeps snapshots while one copy of the parameters and of an
+Adam-like optimizer state (three times the parameters) fits in this many bytes (1 GiB)."""
+EARLY_PARAM_STEPS = 20
+"""Parameter norms are measured on every one of the first measured steps, and for as many after
+a rollback or an LR change: the absolute rules (updates as large as the weights) need them on
+consecutive steps exactly when a run may be broken."""
+
+_LOG = logging.getLogger("gradwatch")
+
+
+def _buffers(model: torch.nn.Module | None) -> list[torch.Tensor]:
+    """The model's floating-point buffers (BatchNorm's running statistics), kept in snapshots."""
+    inner = unwrap(model)
+    if inner is None:
+        return []
+    return [b for b in inner.buffers() if b.is_floating_point()]
+
+
+def chance_loss_of(loss: torch.Tensor, classes: int | None = None) -> float | None:
+    """The loss of a model that knows nothing, read off the loss tensor's autograd graph: ``ln C``
+    for a C-class cross-entropy (``NllLossBackward0`` with log-probabilities of C classes), ``ln 2``
+    for a binary cross-entropy; None for anything else (a regression loss, a custom one).
+
+    Args:
+        loss: The loss tensor, before ``detach``.
+        classes: The number of classes when the graph's saved tensors are gone (``backward()``
+            frees them): the width of the model's 2-D output. Defaults to None (unknown).
+
+    Returns:
+        The chance level, or None.
+    """
+    node = getattr(loss, "grad_fn", None)
+    frontier, seen = [node], 0
+    while frontier and seen < 12:  # the loss itself, through scalings, sums and means
+        node = frontier.pop(0)
+        seen += 1
+        if node is None:
+            continue
+        name = type(node).__name__
+        if name.startswith("NllLoss"):
+            try:
+                shape = tuple(node._saved_self.shape)
+                classes = shape[1] if len(shape) >= 2 else (shape[0] if shape else 0)
+            except RuntimeError:  # after backward(): the saved log-probabilities are freed
+                pass
+            return math.log(classes) if classes is not None and classes >= 2 else None
+        if name.startswith(("BinaryCrossEntropyWithLogits", "BinaryCrossEntropy")):
+            return math.log(2.0)
+        if name.rstrip("0123456789").removesuffix("Backward") in ("Mul", "Div", "Add", "Mean", "Sum", "Neg", "Squeeze", "View"):
+            frontier.extend(child for child, _ in node.next_functions)
+    return None
 
 
 def clip_directly(params: TorchParams, level: float, grad_scale: Any, unmeasured: bool) -> None:
@@ -72,8 +129,9 @@ class StepDriver:
         failsafe: The adapter's fail-safe; the driver adds its distributed stop and its cleanup.
         every: Measure every N optimizer steps. Defaults to 1.
         names: How layers are named (see :func:`build_layout`). Defaults to None.
-        rollback_every: Healthy steps between rollback snapshots; None keeps none.
-            Defaults to None.
+        rollback_every: Healthy steps in a row between rollback snapshots; None keeps none;
+            ``"auto"``: :data:`ROLLBACK_EVERY` when the monitor's policy rolls back and the copy
+            fits :data:`ROLLBACK_BUDGET_BYTES`, else none. Defaults to None.
         param_norm_every: Measure parameter norms every N measured steps (0: never).
             Defaults to 10.
         distributed: Measure across the ranks of ``torch.distributed`` (None: when it is
@@ -97,7 +155,7 @@ class StepDriver:
         failsafe: FailSafe,
         every: int = 1,
         names: LayerNames = None,
-        rollback_every: int | None = None,
+        rollback_every: int | str | None = None,
         param_norm_every: int = 10,
         distributed: bool | None = False,
         clip: Clip | None = None,
@@ -111,11 +169,17 @@ class StepDriver:
         self.failsafe = failsafe
         self.every = check_every(every)
         self.names = names
-        self.rollbacks = Rollbacks(rollback_every)
         self.param_norm_every = check_param_norm_every(param_norm_every)
         self.clip = clip or clip_directly
         self.loss_reduction = loss_reduction
         self.params: TorchParams = build_layout(model, self.optimizers, names=names)
+        self.rollbacks = Rollbacks(self._resolve_rollback_every(check_rollback_every(rollback_every)), _buffers(model))
+        self.chance_loss: float | None = None
+        """``ln C`` when the loss is known to be a C-class cross-entropy (set by the first loss)."""
+        self.output_classes: int | None = None
+        """The width of the model's 2-D output, when an adapter saw it (for ``chance_loss``)."""
+        self._chance_checked = False
+        self._param_boost_until = EARLY_PARAM_STEPS
         self._match_monitor_layout()
         self.step = 0
         self.measured = 0
@@ -150,6 +214,7 @@ class StepDriver:
                 ``loss.mean()``), at this call.
         """
         if isinstance(loss, torch.Tensor):
+            self.learn_loss_function(loss)
             if loss.numel() != 1:
                 raise TypeError(
                     "record_loss expects the step's scalar loss; received a tensor of shape "
@@ -171,6 +236,18 @@ class StepDriver:
             return
         self._loss = value if self._loss is None else self._loss + value
         self._loss_count += 1
+
+    def learn_loss_function(self, loss: torch.Tensor) -> None:
+        """Read the loss function off the first loss tensor seen (with its autograd graph): a
+        cross-entropy gives the loss an absolute scale from step 0 (``StepStats.chance_loss``).
+        Only the first call reads the graph; later ones return at once."""
+        if self._chance_checked:
+            return
+        self._chance_checked = True
+        try:
+            self.chance_loss = chance_loss_of(loss, self.output_classes)
+        except Exception:  # a graph we cannot read: no chance level, nothing else changes
+            self.chance_loss = None
 
     def apply_lr(self, optimizer: torch.optim.Optimizer) -> None:
         """Scale ``optimizer``'s LR by the factor in force until :meth:`restore_lr` (call it
@@ -234,9 +311,18 @@ class StepDriver:
             # its scale. Routine under fp16, not an explosion. (A NaN loss is judged as usual.)
             self.monitor.note_skipped(step, "grad_scaler")
             return None
+        stats.chance_loss = self.chance_loss
+        factor_before = controls.lr_factor
         decision = self.monitor.observe(stats, immediate=True, can_rollback=self.rollbacks.can_rollback)
+        if decision.rollback or decision.lr_factor != factor_before:
+            self._param_boost_until = self.measured + EARLY_PARAM_STEPS  # judge the new regime closely
         if decision.rollback or decision.skip:
             apply_decision(decision, self.params.params, snapshot=self.rollbacks.snapshot)
+            snapshot = self.rollbacks.snapshot
+            if decision.skip and not decision.rollback and not stats.finite and snapshot is not None:
+                # The step's forward pass already ran: a NaN in its batch went into BatchNorm's
+                # running statistics, which skipping the update does not undo. Put them back.
+                snapshot.restore_buffers(only_if_nonfinite=True)
         else:
             level = decision.clip_norm if decision.clip_norm is not None else math.inf
             self.clip(self.params, level, grad_scale, False)
@@ -315,10 +401,27 @@ class StepDriver:
         if self.param_norm_every == 0:
             return False
         stale = self._param_norm is None or len(self._param_norm) != len(self.params)
-        if stale or self.rollbacks.due or self.measured % self.param_norm_every == 0:
+        boost = self.measured < self._param_boost_until
+        if stale or boost or self.rollbacks.due or self.measured % self.param_norm_every == 0:
             return True
         assert self._param_norm is not None
         return self._param_norm
+
+    def _resolve_rollback_every(self, rollback_every: int | str | None) -> int | None:
+        """``"auto"``: snapshots when the policy rolls back and one copy fits the budget."""
+        if rollback_every != "auto":
+            return rollback_every  # type: ignore[return-value]
+        if not getattr(self.monitor.policy, "rollback", False):
+            return None  # observe (or a policy that never rolls back): no copy, no cost
+        size = 3 * sum(p.numel() * p.element_size() for p in self.params.params)
+        if size > ROLLBACK_BUDGET_BYTES:
+            _LOG.info(
+                "gradwatch keeps no rollback snapshot: one copy of the parameters and optimizer state "
+                "(~%.1f GiB) is over the %.0f GiB budget. Pass rollback_every=%d to keep one anyway.",
+                size / 2**30, ROLLBACK_BUDGET_BYTES / 2**30, ROLLBACK_EVERY,
+            )
+            return None
+        return ROLLBACK_EVERY
 
     def _refresh_layout(self) -> None:
         if self.params.stale(self.optimizers):

@@ -176,21 +176,26 @@ class LRScale:
 
 
 class Snapshot:
-    """One copy of the parameters and the optimizer state, restored in place.
+    """One copy of the parameters, the optimizer state and the model's floating-point buffers
+    (BatchNorm's running statistics), restored in place.
 
     Memory: one extra copy of every parameter plus the optimizer state (Adam: 3x the parameters
-    in total; SGD with momentum: 2x).
+    in total; SGD with momentum: 2x), plus the buffers.
 
     Args:
         params: The parameters.
         optimizers: The optimizers whose state is saved with them.
+        buffers: The model's floating-point buffers. Defaults to none.
     """
 
-    def __init__(self, params: Sequence[torch.Tensor], optimizers: Sequence[torch.optim.Optimizer]) -> None:
+    def __init__(self, params: Sequence[torch.Tensor], optimizers: Sequence[torch.optim.Optimizer],
+                 buffers: Sequence[torch.Tensor] = ()) -> None:
         self.params = list(params)
         self.optimizers = list(optimizers)
+        self.buffers = list(buffers)
         self.step: int = -1
         self._values: list[torch.Tensor] = []
+        self._buffer_values: list[torch.Tensor] = []
         self._state: list[dict[int, dict[str, Any]]] = []
 
     @property
@@ -209,6 +214,11 @@ class Snapshot:
                     saved.copy_(p)
             else:
                 self._values = [p.detach().clone() for p in self.params]
+            if len(self._buffer_values) == len(self.buffers):
+                for saved, b in zip(self._buffer_values, self.buffers):
+                    saved.copy_(b)
+            else:
+                self._buffer_values = [b.detach().clone() for b in self.buffers]
             self._state = []
             for opt in self.optimizers:
                 per_param: dict[int, dict[str, Any]] = {}
@@ -231,6 +241,7 @@ class Snapshot:
         with torch.no_grad():
             for saved, p in zip(self._values, self.params):
                 p.copy_(saved)
+            self.restore_buffers()
             for opt, saved_state in zip(self.optimizers, self._state):
                 for group in opt.param_groups:
                     for p in group["params"]:
@@ -251,16 +262,39 @@ class Snapshot:
                             else:
                                 current[key] = _copy_value(value)
 
+    def restore_buffers(self, *, only_if_nonfinite: bool = False) -> bool:
+        """Copy the saved buffers back (BatchNorm's running statistics).
+
+        Args:
+            only_if_nonfinite: Only when some buffer holds a NaN/Inf now (a skipped step's
+                forward pass already put it there). Defaults to False.
+
+        Returns:
+            True when buffers were restored.
+        """
+        if not self.taken or not self.buffers:
+            return False
+        if only_if_nonfinite and all(bool(torch.isfinite(b).all()) for b in self.buffers):
+            return False
+        with torch.no_grad():
+            for saved, b in zip(self._buffer_values, self.buffers):
+                b.copy_(saved)
+        return True
+
     def clear(self) -> None:
         """Free the copy."""
         self._values = []
+        self._buffer_values = []
         self._state = []
         self.step = -1
 
 
 class Rollbacks:
-    """When to take the :class:`Snapshot` a rollback restores: every ``every`` healthy measured
-    steps (a step with finite gradients and parameters that the decision left alone).
+    """When to take the :class:`Snapshot` a rollback restores: after ``every`` healthy measured
+    steps in a row (finite gradients and parameters, no finding of severity warning or error, no
+    action), and on the first healthy step (the initial parameters: what a run broken from its
+    first step goes back to). A divergence starts a few steps before it is called: requiring a run
+    of healthy steps keeps its first steps out of the snapshot.
 
     Shared by every PyTorch-based adapter so that they keep snapshots the same way.
 
@@ -271,8 +305,12 @@ class Rollbacks:
         ValueError: if ``every`` is neither None nor an int >= 1.
     """
 
-    def __init__(self, every: int | None) -> None:
-        self.every = check_rollback_every(every)
+    def __init__(self, every: int | None, buffers: Sequence[torch.Tensor] = ()) -> None:
+        self.buffers = list(buffers)
+        checked = check_rollback_every(every)
+        if isinstance(checked, str):
+            raise ValueError("Rollbacks needs rollback_every resolved to None or an int (the adapter resolves 'auto').")
+        self.every = checked
         self.snapshot: Snapshot | None = None
         self.healthy_since = 0
 
@@ -302,12 +340,21 @@ class Rollbacks:
         healthy = (
             stats.finite and not bool(stats.params_nonfinite.any())
             and not decision.skip and not decision.rollback and decision.clip_norm is None
+            and not decision.alarm and not decision.actions
         )
+        if self.snapshot is None and stats.finite and not bool(stats.params_nonfinite.any()):
+            # The first: the initial parameters, whatever was found on this step. A run broken
+            # from its first step has nothing better to go back to.
+            self.snapshot = Snapshot(params, optimizers, self.buffers)
+            self.snapshot.take(step)
+            self.healthy_since = 0
+            return
         if not healthy:
+            self.healthy_since = 0
             return
         self.healthy_since += 1
         if self.snapshot is None:
-            self.snapshot = Snapshot(params, optimizers)
+            self.snapshot = Snapshot(params, optimizers, self.buffers)
         if not self.snapshot.taken or self.healthy_since >= self.every:
             self.snapshot.take(step)
             self.healthy_since = 0

@@ -111,9 +111,12 @@ class Watch:
             Defaults to False.
         names: How layers are named: None (the module path), a mapping from module path to a name,
             or a function of the module path. Defaults to None.
-        rollback_every: Keep a copy of the parameters and optimizer state, refreshed every N
-            healthy measured steps, and restore it when the parameters turn non-finite. Costs one
-            copy of the parameters and of the optimizer state. Defaults to None (no rollback).
+        rollback_every: Keep a copy of the parameters and optimizer state, refreshed after N
+            healthy measured steps in a row, that ``auto`` restores when the parameters turn
+            non-finite, an LR jump wrecked them or the step size runs away. Costs one copy of the
+            parameters and of the optimizer state. Defaults to ``"auto"``: every 20 under a policy
+            that rolls back, while that copy (counted as three times the parameters) fits in
+            1 GiB; beyond it none, with one INFO log line saying so. None: never.
         param_norm_every: Measure the parameter norms (for the vanishing detector's
             ``||g|| / ||W||``) every N measured steps, reusing the last values in between (they
             change slowly), and in any case on a step with a non-finite gradient or loss (to see
@@ -158,7 +161,7 @@ class Watch:
         every: int = 1,
         strict: bool = False,
         names: LayerNames = None,
-        rollback_every: int | None = None,
+        rollback_every: int | str | None = "auto",
         param_norm_every: int = 10,
         sinks: Any = None,
         monitor: Monitor | None = None,
@@ -196,6 +199,7 @@ class Watch:
         for k, opt in enumerate(optimizers):
             self._handles.append(opt.register_step_pre_hook(self._make_pre_hook(k)))
             self._handles.append(opt.register_step_post_hook(self._make_post_hook()))
+        self._output_hook: Any = None
         self._scaler_update: Any = None
         if scaler is not None:
             original = scaler.update
@@ -206,6 +210,11 @@ class Watch:
 
             scaler.update = update
             self._scaler_update = update
+        if model is not None:
+            # Once, the width of a 2-D output: a cross-entropy's chance level is ln(width), and
+            # the loss tensor's graph no longer holds it after backward() (StepStats.chance_loss).
+            self._output_hook = unwrap(model).register_forward_hook(self._see_output)  # type: ignore[union-attr]
+            self._handles.append(self._output_hook)
         for watched in [model, *optimizers]:
             if watched is not None:
                 _WATCHED[watched] = self
@@ -335,6 +344,11 @@ class Watch:
                 self.failsafe.fail(exc)
 
         return post_hook
+
+    def _see_output(self, module: torch.nn.Module, inputs: Any, output: Any) -> None:
+        if isinstance(output, torch.Tensor) and output.dim() == 2:
+            self.driver.output_classes = int(output.shape[1])
+        self._output_hook.remove()  # once: the first forward pass says it
 
     def _pre_step(self, k: int, optimizer: torch.optim.Optimizer) -> None:
         self._fired_since_update.add(k)

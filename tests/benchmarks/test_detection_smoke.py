@@ -43,17 +43,20 @@ def test_healthy_traps_stay_silent_and_observe_changes_nothing(name):
     assert outcome.verdict == "ok"
 
 
-@pytest.mark.parametrize("name", [
-    "p-explode-lr-jump-300", "p-nan-zero-norm-depth1-180", "p-vanishing-sigmoid-10", "p-dead-layer1-bias",
-    "p-loss-spike-targets-250",
+@pytest.mark.parametrize(("name", "within"), [
+    ("p-explode-lr-jump-300", 10), ("p-nan-zero-norm-depth1-180", 10), ("p-vanishing-sigmoid-10", 10),
+    # 60 % of one layer dead is a warning only once the loss stops improving (three windows):
+    # a partly dead layer in a run that still learns is an info finding.
+    ("p-dead-layer1-bias", 30),
+    ("p-loss-spike-targets-250", 10),
 ])
-def test_pathologies_are_found_in_time(name):
+def test_pathologies_are_found_in_time(name, within):
     scenario = SCENARIOS[name]
     outcome = detect(scenario)
     assert outcome.check.ok, outcome.check.evidence
     assert outcome.detected, (outcome.first_kind, outcome.other_kinds)
     assert outcome.false_alarms == []
-    assert outcome.latency is not None and outcome.latency <= 10
+    assert outcome.latency is not None and outcome.latency <= within
 
 
 def test_scoring_counts_early_findings_as_false_alarms_and_ignores_info():

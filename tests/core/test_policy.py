@@ -95,10 +95,27 @@ def test_auto_decays_when_nonfinite_steps_repeat_after_an_explosion():
     factor = state.lr_factor
     kinds = []
     for t in (10, 20, 30):
+        _, state = p.decide([], stats(t - 1, norm=1.0), state)  # finite steps in between
         d, state = p.decide([nonfinite(t)], stats(t, finite=False), state)
         kinds.append(sorted(a.kind for a in d.actions))
     assert kinds == [["skip_step"], ["skip_step"], ["lr_decay", "skip_step"]]
     assert d.lr_factor == factor * 0.5
+
+
+def test_every_step_nonfinite_rolls_back_and_lowers_the_lr():
+    """Skipping a run whose every step is non-finite saves nothing: after nonfinite_patience
+    steps in a row the last healthy snapshot comes back and the LR is cut by step_size_factor."""
+    p = AutoPolicy(nonfinite_patience=3, cooldown=10)
+    state = p.init()
+    for t in range(5):
+        _, state = p.decide([], stats(t, norm=1.0), state)
+    actions = []
+    for t in range(5, 11):
+        d, state = p.decide([nonfinite(t)], stats(t, finite=False), state, can_rollback=True)
+        actions.append(sorted(a.kind for a in d.actions))
+    assert actions[:2] == [["skip_step"], ["skip_step"]]
+    assert actions[2] == ["lr_decay", "rollback"] and d.rollback is False
+    assert state.lr_factor == p.step_size_factor  # one cut: the next waits for the cool-down
 
 
 def test_nonfinite_steps_out_of_a_healthy_run_are_only_skipped():
@@ -240,11 +257,25 @@ def test_the_hold_on_a_jumped_lr_lifts_when_the_users_lr_comes_back():
 def test_heavy_clipping_while_the_loss_falls_is_left_alone():
     """A stable run far from its optimum has large gradients too: clipping cuts them hard, but the
     loss goes down, so the LR stays."""
-    p = AutoPolicy(cooldown=5)
+    p = AutoPolicy(cooldown=5, clip_release=50)
     state = p.init()
     _, state = p.decide([exploding(0, level=1.0)], stats(0, norm=50.0), state)
-    for t in range(1, 60):
+    for t in range(1, 70):
         s = stats(t, norm=10.0)
         s.loss = 1000.0 * 0.97 ** t
         d, state = p.decide([], s, state)
-        assert d.lr_factor == 1.0 and d.clip_norm == 1.0
+        assert d.lr_factor == 1.0
+        # the level set by the one alarm holds until clip_release quiet steps, then it is lifted
+        assert d.clip_norm == (1.0 if t < 50 else None)
+
+
+def test_a_clip_level_set_by_one_alarm_does_not_throttle_the_rest_of_the_run():
+    p = AutoPolicy(clip_release=50)
+    state = p.init()
+    d, state = p.decide([exploding(0, level=1.0)], stats(0, norm=8.0), state)
+    assert d.clip_norm == 1.0
+    clipped = 0
+    for t in range(1, 300):  # the norm grows slowly, as it does in healthy training
+        d, state = p.decide([], stats(t, norm=0.5 * 1.01 ** t), state)
+        clipped += d.clip_norm is not None
+    assert state.clip_norm == math.inf and d.lr_factor == 1.0 and clipped <= 50

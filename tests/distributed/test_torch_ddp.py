@@ -58,7 +58,8 @@ def test_ddp_exploding_run_is_rescued_with_identical_parameters_on_both_ranks(ru
     assert r0["params"] == r1["params"]  # bit for bit
     assert r0["dist"]["actions"] == r1["dist"]["actions"]
     kinds = {kind for _, kind in r0["dist"]["actions"]}
-    assert "clip" in kinds and "exploding" in r0["dist"]["kinds"]
+    # A remedy that acts on the step size (clip, a lower LR, a rollback), the same on both ranks.
+    assert kinds & {"clip", "lr_decay", "rollback"} and "exploding" in r0["dist"]["kinds"]
     assert all(math.isfinite(v) for p in r0["params"] for v in p)
     losses = r0["dist"]["loss"]  # the mean over the ranks
     assert all(math.isfinite(v) for v in losses) and max(losses[-20:]) < max(losses) / 5  # recovered

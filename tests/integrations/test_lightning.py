@@ -124,27 +124,54 @@ def test_vanishing_deep_sigmoid_mlp_gets_a_batchnorm_recommendation():
     assert rec.params["insert_after"][0] == "net.fc1"
 
 
-def test_exploding_run_is_rescued_through_lightnings_clip_knob(tmp_path):
-    module = Module(mlp(depth=4, width=64, act=nn.Tanh), lr=0.3)
+class PoisonedModule(Module):
+    """At step ``at`` its inputs are 1000 times too large (a corrupt batch, finite)."""
+
+    def __init__(self, *args, at: int = 60, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.at = at
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        if self.trainer.global_step == self.at:
+            x = x * 1000.0
+        return super().training_step((x, y), batch_idx)
+
+
+def test_a_poisoned_batch_is_clipped_through_lightnings_clip_knob(tmp_path):
+    module = PoisonedModule(mlp(depth=3, width=32, act=nn.ReLU), lr=0.05)
     gw, probe = GradWatch(sinks=[tmp_path / "run.jsonl"]), PostStepNorm()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer = fit(module, regression(), 120, [gw, probe])
     report = gw.report()
-    assert "exploding" in report.kinds("warning")
-    assert report.action_counts.get("clip", 0) > 0 and report.action_counts.get("lr_decay", 0) >= 1
+    exploding = [f for f in report.findings if f.kind == "exploding"]
+    assert exploding and exploding[0].step == 60 and exploding[0].evidence["rule"] == "spike"
+    assert report.action_counts.get("clip", 0) > 0
     assert math.isfinite(module.losses[-1]) and module.losses[-1] < module.losses[0]
     # Lightning clipped at gradwatch's level (it re-reads gradient_clip_val every step) ...
     clips = [a for a in report.actions if a.kind == "clip"]
+    assert clips[0].step == 60
     for a in clips:
         assert probe.norms[a.step] == pytest.approx(a.params["max_norm"], rel=1e-4)
     # ... and the user's settings are back as they set them.
-    assert trainer.gradient_clip_val is None and module.optimizers().param_groups[0]["lr"] == 0.3
+    assert trainer.gradient_clip_val is None and module.optimizers().param_groups[0]["lr"] == 0.05
     # One warning per finding kind, not one per step.
     kinds = [str(w.message).split("] ")[1].split(" ")[0] for w in caught if str(w.message).startswith("gradwatch: [")]
     assert sorted(kinds) == sorted(set(kinds)) and "exploding" in kinds
     records = read_jsonl(tmp_path / "run.jsonl")
     assert sum(r["event"] == "step" for r in records) == 120 and records[-1]["event"] == "report"
+
+
+@pytest.mark.filterwarnings("ignore:gradwatch. .(error|warning). exploding:UserWarning")
+def test_an_lr_too_high_is_rescued_with_a_rollback_and_a_smaller_lr():
+    module, gw = Module(mlp(depth=4, width=64, act=nn.Tanh), lr=0.3), GradWatch()
+    trainer = fit(module, regression(), 120, [gw])
+    report = gw.report()
+    assert "exploding" in report.kinds("warning")
+    assert report.action_counts.get("rollback", 0) >= 1 and report.action_counts.get("lr_decay", 0) >= 1
+    assert math.isfinite(module.losses[-1]) and module.losses[-1] < module.losses[0]
+    assert trainer.gradient_clip_val is None and module.optimizers().param_groups[0]["lr"] == 0.3
 
 
 class JumpLR(pl.Callback):
@@ -237,7 +264,7 @@ def test_checkpoint_resume_continues_the_monitor(tmp_path):
         resumed.load_state_dict({"step": 3})
 
 
-class ManualModule(Module):
+class ManualModule(PoisonedModule):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.automatic_optimization = False
@@ -245,18 +272,22 @@ class ManualModule(Module):
     def training_step(self, batch, batch_idx):
         opt = self.optimizers()
         opt.zero_grad()
-        loss = nn.functional.mse_loss(self.net(batch[0]), batch[1])
+        x, y = batch
+        if self.trainer.global_step == self.at:
+            x = x * 1000.0
+        loss = nn.functional.mse_loss(self.net(x), y)
         self.manual_backward(loss)
         opt.step()
         self.losses.append(float(loss.detach()))
 
 
-@pytest.mark.filterwarnings("ignore:gradwatch. .error. exploding:UserWarning")
-def test_manual_optimization_is_watched_and_rescued_by_hand():
-    module, gw = ManualModule(mlp(depth=4, width=64, act=nn.Tanh), lr=0.3), GradWatch()
+@pytest.mark.filterwarnings("ignore:gradwatch. .(error|warning). exploding:UserWarning")
+def test_manual_optimization_is_watched_and_clipped_by_hand():
+    module, gw = ManualModule(mlp(depth=3, width=32, act=nn.ReLU), lr=0.05), GradWatch()
     fit(module, regression(), 120, [gw])
     report = gw.report()
     assert report.steps_measured == 120 and report.action_counts.get("clip", 0) > 0
+    assert [a.step for a in report.actions if a.kind == "clip"][0] == 60
     assert math.isfinite(module.losses[-1]) and module.losses[-1] < module.losses[0]
 
 

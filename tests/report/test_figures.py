@@ -12,7 +12,8 @@ def test_plot_returns_figures_and_saves(make_report, tmp_path):
     ax = fig.axes[0]
     assert ax.get_yscale() == "log"  # the norm spans many decades
     labels = {t.get_text() for t in ax.get_legend().get_texts()}
-    assert {"global gradient norm", "clip", "lr decay"} <= labels
+    acted = {a.kind.replace("_", " ") for a in report.actions} & {"clip", "lr decay"}
+    assert acted and {"global gradient norm", *acted} <= labels  # each remedy taken is marked
     heat = report.plot("heatmap", path=tmp_path / "heat.svg")
     assert (tmp_path / "heat.svg").exists()
     assert [t.get_text() for t in heat.axes[0].get_yticklabels()] == [f"fc{i}" for i in range(5)]

@@ -56,14 +56,15 @@ def test_vanishing_in_a_deep_sigmoid_mlp_recommends_batchnorm_by_module_path():
 def test_dead_units_name_the_layer_whose_relus_never_fire():
     model = mlp(seed=1, depth=3, width=32)
     with torch.no_grad():
-        model[2].bias[:24].fill_(-50.0)  # 24 of the 32 ReLUs of the second hidden layer never fire
+        model[2].bias[:28].fill_(-50.0)  # 28 of the 32 ReLUs of the second hidden layer never fire
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     with gradwatch.watch(model, opt) as w:
         train(model, opt, 20, watch=w)
     dead = [f for f in w.report().findings if f.kind == "dead_units"]
+    # most of the layer is gone (>= 80%): a warning from the first window on, whatever the loss does
     assert len(dead) == 1 and dead[0].severity == "warning" and dead[0].step == 9
     assert dead[0].layers == ("2",)
-    assert dead[0].evidence["dead_fraction"]["2"] == 0.75
+    assert dead[0].evidence["dead_fraction"]["2"] == 0.875
     assert w.report().actions == []
 
 
@@ -151,17 +152,18 @@ def explode_setup():
     return model, torch.optim.SGD(model.parameters(), lr=0.3)
 
 
-def test_exploding_lr_too_high_is_rescued_by_clip_and_lr_decay():
+def test_exploding_lr_too_high_is_rescued_by_rollback_and_a_smaller_lr():
     plain, plain_opt = explode_setup()
     plain_losses = train(plain, plain_opt, 120)
     assert first_nonfinite(plain_losses) is not None  # unwatched: diverges to NaN
 
     model, opt = explode_setup()
-    with gradwatch.watch(model, opt) as w:
+    with gradwatch.watch(model, opt) as w:  # default rollback_every="auto": snapshots are kept
         losses = train(model, opt, 120, watch=w)
     report = w.report()
     assert "exploding" in report.kinds("warning")
-    assert report.action_counts.get("clip", 0) > 0 and report.action_counts.get("lr_decay", 0) >= 1
+    # the step size is the cause: the last healthy weights come back and the LR is cut
+    assert report.action_counts.get("rollback", 0) >= 1 and report.action_counts.get("lr_decay", 0) >= 1
     assert math.isfinite(losses[-1]) and losses[-1] < losses[0]
     assert w.lr_factor < 1.0
     assert opt.param_groups[0]["lr"] == 0.3  # the user's own LR is left as set between steps
