@@ -3,18 +3,19 @@ back into the step's variables. See :mod:`gradwatch.integrations.keras`."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import threading
 import time
 from collections import deque
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
 from gradwatch.errors import require
 from gradwatch.failsafe import FailSafe
 from gradwatch.monitor import Monitor
-from gradwatch.options import check_every
+from gradwatch.options import check_every, check_rollback_every
 from gradwatch.policy import AutoPolicy, ObservePolicy, Policy
 from gradwatch.report import Report
 from gradwatch.sinks import Sink, resolve_sinks
@@ -24,9 +25,15 @@ require("keras", "keras")
 
 import keras  # noqa: E402
 
+from .batches import BatchTap  # noqa: E402
+from .rollback import KerasRollbacks, KerasSnapshot, resolve_rollback_every  # noqa: E402
 from .step import (  # noqa: E402
     BLOCKS,
+    COL_HAS_LOSS,
+    COL_LOSS,
     COL_LR,
+    COL_LR_FACTOR,
+    COL_SKIPPED,
     COL_STEP,
     HEAD,
     StepProbe,
@@ -58,14 +65,28 @@ class GradWatch(keras.callbacks.Callback):
             Defaults to None.
         history: Steps of per-layer history kept for the report. Defaults to 256.
         detectors: The detectors to run. Defaults to the built-ins plus those of plugins.
+        rollback_every: Keep a host copy of the weights, the optimizer's slots and
+            BatchNormalization's moving statistics, taken on the first healthy measured step and
+            after N healthy measured steps in a row, that ``auto`` restores when the weights turn
+            non-finite, an LR jump wrecked them or the step size runs away (a newer copy replaces
+            it once the next measured step, run on the copied weights, is read healthy: two host
+            copies until then). Defaults to
+            ``"auto"``: every 20 under a policy that rolls back, while the copy (counted as three
+            times the weights) fits in 1 GiB; None: never.
 
-    The shared options (``policy``, ``every``, ``strict``, ``sinks``, ``monitor``) mean what they
-    mean for every adapter (docs/api.md). ``history`` and ``detectors`` are Keras's own so that
-    :meth:`get_config` can save them; a parameter-norm schedule does not apply (they are computed
-    inside the compiled step).
+    The shared options (``policy``, ``every``, ``strict``, ``sinks``, ``monitor``,
+    ``rollback_every``) mean what they mean for every adapter (docs/api.md). ``history`` and
+    ``detectors`` are Keras's own so that :meth:`get_config` can save them; a parameter-norm
+    schedule does not apply (they are computed inside the compiled step).
+
+    Under ``policy="auto"``, from gradwatch's first action in a fit on, the batch and epoch logs
+    (progress bar, ``History``) also carry what it is doing: ``gw_skipped`` (batches skipped this
+    epoch), ``gw_clip`` (the clip level in force, 0 for none), ``gw_lr_factor`` (the
+    learning-rate factor in force) and, with snapshots, ``gw_rollbacks`` (rollbacks this epoch).
+    A run gradwatch leaves alone logs only ``grad_norm``.
 
     Raises:
-        ValueError: for ``every < 1`` or an unknown policy.
+        ValueError: for ``every < 1``, a bad ``rollback_every`` or an unknown policy.
 
     Attributes:
         monitor: The :class:`gradwatch.Monitor` doing the judging.
@@ -81,10 +102,12 @@ class GradWatch(keras.callbacks.Callback):
         monitor: Monitor | None = None,
         history: int = 256,
         detectors: list | None = None,
+        rollback_every: int | str | None = "auto",
     ) -> None:
         super().__init__()
         self.policy_arg = policy
         self.every = check_every(every)
+        self.rollback_every = check_rollback_every(rollback_every)
         self.strict = bool(strict)
         self.monitor = monitor if monitor is not None else Monitor(
             policy=policy, detectors=detectors, history=history, framework=f"keras/{keras.backend.backend()}"
@@ -114,6 +137,11 @@ class GradWatch(keras.callbacks.Callback):
         """(batches read, controls) whenever the monitor's controls changed, oldest first."""
         self._written: Any = None
         self._epoch_norms: list[float] = []
+        self._rollbacks = KerasRollbacks(None, None)
+        self._skipped_epoch = 0
+        self._rollbacks_epoch = 0
+        self._chance_loss: float | None = None
+        self._acted = False
 
     @property
     def async_safe(self) -> bool:
@@ -132,12 +160,23 @@ class GradWatch(keras.callbacks.Callback):
             if stale is not None:  # left behind by a fit that raised before on_train_end
                 stale.remove()
             steps_per_execution = int(getattr(model, "steps_per_execution", 1) or 1)
+            remedies = not isinstance(self.monitor.policy, ObservePolicy)
+            tap = BatchTap(
+                model, keras.backend.backend(),
+                exclude_skipped=remedies and not isinstance(optimizer, keras.optimizers.LossScaleOptimizer),
+            )
             self._probe = StepProbe(
-                model, optimizer, ring=max(16, 4 * steps_per_execution),
-                remedies=not isinstance(self.monitor.policy, ObservePolicy), strict=self.strict,
+                model, optimizer, ring=max(16, 4 * steps_per_execution), remedies=remedies,
+                strict=self.strict, tap=tap,
             )
             self._probe.install(self.monitor.controls, self._count)
+            probe = self._probe
+            probe.clip_in_program = math.isfinite(self.monitor.controls.clip_norm)
+            every = resolve_rollback_every(self.rollback_every, self.monitor.policy, model.trainable_variables)
+            self._rollbacks = KerasRollbacks(every, lambda: KerasSnapshot(model, probe.target, probe.owned))
+            self._chance_loss = chance_loss_of(model)
             self._written = self.monitor.controls
+            self._acted = False
             self._decisions.clear()
             self._due.clear()
             self._fit_batches0, self._fit_count0, self._loss_scale_skips = self._batches, self._count, 0
@@ -150,6 +189,7 @@ class GradWatch(keras.callbacks.Callback):
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
         self._epoch_base = self._batches
         self._epoch_norms = []
+        self._skipped_epoch = self._rollbacks_epoch = 0
 
     def on_train_batch_begin(self, batch: int, logs: dict | None = None) -> None:
         # Runs on the thread that runs fit, between two steps: the only safe place to write.
@@ -171,11 +211,16 @@ class GradWatch(keras.callbacks.Callback):
         controls = None
         while self._decisions and self._decisions[0][0] <= decided_by:
             controls = self._decisions.popleft()[1]
-        if controls is None or controls == self._written:
-            return
         try:
-            probe.write_controls(controls)
-            self._written = controls
+            done = self._rollbacks.at_boundary(
+                started, decided_by, lambda n: self._keep_up(started, probe, n)
+            )
+            if done == "restored":
+                self._rollbacks_epoch += 1
+            if controls is not None and controls != self._written:
+                probe.write_controls(controls)
+                probe.select_program(math.isfinite(controls.clip_norm))
+                self._written = controls
         except Exception as exc:
             self.failsafe.fail(exc)
 
@@ -206,15 +251,39 @@ class GradWatch(keras.callbacks.Callback):
                 try:
                     if (total - 1) // self.every != (previous - 1) // self.every:
                         self._consume(logs)  # else no measured step among these steps: no host sync
+                    if logs is not None:
+                        self._log_actions(logs)
                 finally:
                     self._done = max(self._done, total)
             except Exception as exc:
                 self.failsafe.fail(exc)
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        if logs is None or self._probe is None:
+            return
         finite = [x for x in self._epoch_norms if math.isfinite(x)]
-        if logs is not None and finite:
+        if finite:
             logs["grad_norm"] = float(np.mean(finite))
+        self._log_actions(logs)
+
+    def _log_actions(self, logs: dict) -> None:
+        """What gradwatch is doing, for the progress bar and ``History`` (``policy="auto"``)."""
+        probe = self._probe
+        if probe is None or not probe.remedies or not self.failsafe.active:
+            return
+        controls = self._written
+        if not self._acted:
+            # Quiet while gradwatch has changed nothing in this fit; from its first action on,
+            # the keys stay for the rest of the fit.
+            self._acted = (self._skipped_epoch > 0 or self._rollbacks_epoch > 0
+                           or math.isfinite(controls.clip_norm) or controls.lr_factor != 1.0)
+            if not self._acted:
+                return
+        logs["gw_skipped"] = self._skipped_epoch
+        logs["gw_clip"] = float(controls.clip_norm) if math.isfinite(controls.clip_norm) else 0.0
+        logs["gw_lr_factor"] = float(controls.lr_factor)
+        if self._rollbacks.active:
+            logs["gw_rollbacks"] = self._rollbacks_epoch
 
     def on_train_end(self, logs: dict | None = None) -> None:
         probe, self._probe = self._probe, None
@@ -229,6 +298,7 @@ class GradWatch(keras.callbacks.Callback):
             self.failsafe.fail(exc)
         finally:
             probe.remove()
+            self._rollbacks.forget()
             # The traced step holds the probe: the next fit must trace a clean one.
             self._model.train_function = None
         try:
@@ -249,16 +319,22 @@ class GradWatch(keras.callbacks.Callback):
         newest = None
         for step in range(start, count):
             row = ring[step % probe.ring]
-            if int(row[COL_STEP]) != step or step % self.every:
+            if int(row[COL_STEP]) != step:
+                continue
+            if row[COL_SKIPPED] > 0.5:
+                self._skipped_epoch += 1
+            if step % self.every:
                 continue
             stats = self._stats(row, probe)
-            self.monitor.observe(stats, immediate=False)
+            # Keyed by the batch count through this step (not by this call: calls may run out of
+            # order), so what it decides takes effect at the same step whatever the timing.
+            key = self._fit_batches0 + step + 1 - self._fit_count0
+            decision = self._observe(stats, row, probe, can_rollback=self._rollbacks.can_rollback(key - 1))
             newest = stats
+            self._rollbacks.record(key, _healthy(stats, decision), decision.rollback)
             controls = self.monitor.controls
             if controls != (self._decisions[-1][1] if self._decisions else self._written):
-                # Keyed by the batch count through this step (not by this call: calls may run out
-                # of order), so the controls take effect at the same step whatever the timing.
-                self._decisions.append((self._fit_batches0 + step + 1 - self._fit_count0, controls))
+                self._decisions.append((key, controls))
         self._next_step = max(self._next_step, count)
         self._count = count
         if newest is not None:
@@ -267,19 +343,48 @@ class GradWatch(keras.callbacks.Callback):
             if logs is not None:
                 logs["grad_norm"] = norm
 
+    def _observe(self, stats: StepStats, row: np.ndarray, probe: StepProbe, *, can_rollback: bool) -> Any:
+        """``monitor.observe`` of a step that already ran (``immediate=False``).
+
+        ``stats.lr`` is the LR the step ran with; the policy reads it as the user's scheduled LR
+        times the factor it has in force now (as in PyTorch, where a decision takes effect on
+        the very next step). Here a decision takes effect two executions later, so a step that
+        was running when the factor changed ran with the previous one; read as it is, it would
+        look as if the user's LR had jumped by the inverse of the change (measured: a second
+        decay and a second rollback for nothing after a step-size explosion, and an LR hold
+        that flips on and off after an LR jump). For such a step, and for the policy only,
+        ``lr`` is the scheduled LR times the factor in force; plugins, sinks and the report see
+        the LR the step ran with.
+        """
+        monitor = self.monitor
+        ran_with, in_force = float(row[COL_LR_FACTOR]), float(monitor.controls.lr_factor)
+        if not probe.remedies or stats.lr is None or not math.isfinite(stats.lr) or not ran_with > 0 \
+                or ran_with == in_force:
+            return monitor.observe(stats, immediate=False, can_rollback=can_rollback)
+        policy = monitor.policy
+        monitor.policy = cast(Policy, _AtLr(policy, stats.lr / ran_with * in_force))
+        try:
+            return monitor.observe(stats, immediate=False, can_rollback=can_rollback)
+        finally:
+            monitor.policy = policy
+
     def _stats(self, row: np.ndarray, probe: StepProbe) -> StepStats:
         assert probe.layout is not None
         n, o = probe.n, len(HEAD)
         blocks = {name: row[o + i * n: o + (i + 1) * n] for i, name in enumerate(BLOCKS)}
-        return StepStats(
+        stats = StepStats(
             step=int(row[COL_STEP]),
             layout=probe.layout,
             grad_norm=blocks["grad_norm"].astype(np.float64),
             param_norm=blocks["param_norm"].astype(np.float64),
             zero_fraction=blocks["zero_fraction"].astype(np.float64),
             has_grad=blocks["has_grad"] > 0.5,
+            loss=float(row[COL_LOSS]) if row[COL_HAS_LOSS] > 0.5 else None,
             lr=float(row[COL_LR]),
         )
+        if self._chance_loss is not None and hasattr(stats, "chance_loss"):
+            stats.chance_loss = self._chance_loss
+        return stats
 
     def _note_loss_scale_skips(self, count: int) -> None:
         """Steps the ``LossScaleOptimizer`` skipped never reach the inner optimizer's ``apply``:
@@ -314,7 +419,8 @@ class GradWatch(keras.callbacks.Callback):
                 f"GradWatch.get_config supports the 'auto' and 'observe' policies; received a custom "
                 f"{type(policy).__name__}. Rebuild the callback with that policy instead."
             )
-        return {"policy": policy_config, "every": self.every, "strict": self.strict, "history": self.history}
+        return {"policy": policy_config, "every": self.every, "strict": self.strict, "history": self.history,
+                "rollback_every": self.rollback_every}
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> GradWatch:
@@ -342,6 +448,7 @@ class GradWatch(keras.callbacks.Callback):
             "next_step": self._next_step,
             "batches": self._batches,
             "loss_scale_skips": self._loss_scale_skips,
+            "healthy_since_snapshot": self._rollbacks.healthy_run,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -361,5 +468,67 @@ class GradWatch(keras.callbacks.Callback):
         self._next_step = int(state["next_step"])
         self._batches = self._done = int(state["batches"])
         self._loss_scale_skips = int(state["loss_scale_skips"])
+        self._rollbacks.healthy_run = int(state.get("healthy_since_snapshot", 0))
         self._decisions.clear()
         self._decisions.append((self._batches, self.monitor.controls))
+
+
+class _AtLr:
+    """The monitor's policy, deciding on a step as if it had run at ``lr`` (see
+    ``GradWatch._observe``); everything else is the policy's own."""
+
+    def __init__(self, policy: Policy, lr: float) -> None:
+        self._policy, self._lr = policy, lr
+
+    def decide(self, findings: Any, stats: StepStats, state: Any, **kwargs: Any) -> Any:
+        return self._policy.decide(findings, dataclasses.replace(stats, lr=self._lr), state, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._policy, name)
+
+
+def _healthy(stats: StepStats, decision: Any) -> bool:
+    """A step a rollback snapshot may follow: finite, left alone, and no alarm (as in PyTorch)."""
+    alarm = getattr(decision, "alarm", None)
+    if alarm is None:
+        alarm = any(f.severity in ("warning", "error") for f in getattr(decision, "findings", ()))
+    return bool(
+        stats.finite and not stats.params_nonfinite.any() and not decision.skip and not decision.rollback
+        and decision.clip_norm is None and not alarm and not decision.actions
+    )
+
+
+CROSS_ENTROPIES = {
+    "sparse_categorical_crossentropy": "categorical", "categorical_crossentropy": "categorical",
+    "SparseCategoricalCrossentropy": "categorical", "CategoricalCrossentropy": "categorical",
+    "binary_crossentropy": "binary", "BinaryCrossentropy": "binary",
+}
+
+
+def chance_loss_of(model: Any) -> float | None:
+    """The loss of a model that has learnt nothing, from the compiled loss: ``ln C`` for a
+    C-class cross-entropy (C from the model's output width), ``ln 2`` for a binary one; None for
+    anything else (several losses, a regression loss, a custom one).
+
+    Args:
+        model: The compiled Keras model.
+
+    Returns:
+        The chance level, or None.
+    """
+    loss = getattr(model, "loss", None)
+    if isinstance(loss, (list, tuple, dict)) or loss is None:
+        return None
+    name = loss if isinstance(loss, str) else type(loss).__name__
+    if name == "LossFunctionWrapper":
+        name = getattr(getattr(loss, "fn", None), "__name__", name)
+    kind = CROSS_ENTROPIES.get(name)
+    if kind == "binary":
+        return math.log(2.0)
+    if kind != "categorical":
+        return None
+    try:
+        classes = int(model.outputs[0].shape[-1])
+    except (AttributeError, IndexError, TypeError, ValueError):
+        return None
+    return math.log(classes) if classes >= 2 else None

@@ -35,13 +35,17 @@ from gradwatch.policy import Controls
 from gradwatch.stats import Layout
 
 from . import distributed as strategy
+from .batches import BatchTap
 from .host import ProbeReader, controls_vector
 from .layout import keras_layout
+from .neutral import optimizer_copies
 
-HEAD = ("step", "global_norm", "lr", "skipped", "clip_scale")
+HEAD = ("step", "global_norm", "lr", "skipped", "clip_scale", "loss", "has_loss", "lr_factor")
 """The first columns of a row; then ``grad_norm``, ``param_norm``, ``zero_fraction`` and
-``has_grad``, one entry per trainable variable each."""
-COL_STEP, COL_GLOBAL, COL_LR, COL_SKIPPED, COL_SCALE = range(len(HEAD))
+``has_grad``, one entry per trainable variable each. ``loss`` is the batch's own loss (not the
+epoch's running mean), ``has_loss`` 1 when the train step handed one to the loss tracker,
+``lr_factor`` the learning-rate factor the step ran with (``lr`` includes it)."""
+COL_STEP, COL_GLOBAL, COL_LR, COL_SKIPPED, COL_SCALE, COL_LOSS, COL_HAS_LOSS, COL_LR_FACTOR = range(len(HEAD))
 BLOCKS = ("grad_norm", "param_norm", "zero_fraction", "has_grad")
 
 
@@ -77,10 +81,13 @@ class StepProbe(ProbeReader):
             policy, whose steps are then computed exactly as without gradwatch. Defaults to True.
         strict: Raise an internal error met while tracing the step instead of training on
             unmeasured. Defaults to False.
+        tap: Where the batch's loss comes from and where the skip flag goes
+            (:class:`~gradwatch.integrations.keras.batches.BatchTap`). Defaults to None (no loss).
     """
 
     def __init__(
-        self, model: Any, optimizer: Any, *, ring: int = 16, remedies: bool = True, strict: bool = False
+        self, model: Any, optimizer: Any, *, ring: int = 16, remedies: bool = True, strict: bool = False,
+        tap: BatchTap | None = None,
     ) -> None:
         import keras
 
@@ -93,6 +100,13 @@ class StepProbe(ProbeReader):
         self.steps_per_execution = max(1, int(getattr(model, "steps_per_execution", 1) or 1))
         self.remedies = remedies
         self.strict = strict
+        self.tap = tap
+        self.clip_in_program = False
+        """XLA steps (``jax.jit``, TensorFlow with ``jit_compile``): the clipping is compiled in
+        only while a clip level is in force (:meth:`select_program`)."""
+        self._programs: dict[bool, Any] = {}
+        if tap is not None and self.backend == "jax":
+            tap.write_loss = self._write_loss_jax
         self.lock = threading.Lock()
         self.error: BaseException | None = None
         self.installed = False
@@ -137,6 +151,8 @@ class StepProbe(ProbeReader):
             with self._hidden():
                 return original_load(store)
 
+        if self.tap is not None:
+            self.tap.install()
         apply._gradwatch_probe = self  # type: ignore[attr-defined]
         object.__setattr__(target, "apply", apply)
         object.__setattr__(outer, "save_own_variables", save_own_variables)
@@ -181,6 +197,8 @@ class StepProbe(ProbeReader):
                 object.__setattr__(owner, name, previous)
         for variable in self.owned:
             self.target._untrack_variable(variable)
+        if self.tap is not None:
+            self.tap.remove()
 
     def _hidden(self) -> Any:
         """A context in which the optimizer does not track our variables (for its checkpoints)."""
@@ -225,8 +243,15 @@ class StepProbe(ProbeReader):
             self.error = exc
             return original(grads, trainable_variables)
         if not self.remedies:
-            return original(grads, trainable_variables)
+            return original(self._handover(grads, replicas), trainable_variables)
         return self._steer(plan, trainable_variables)
+
+    def _handover(self, grads: Sequence[Any], replicas: int = 1) -> list[Any]:
+        """The gradients for the optimizer: on TensorFlow, copies that Grappler rewrites as it
+        would unwatched (:mod:`~gradwatch.integrations.keras.neutral`)."""
+        if self.backend != "tensorflow" or replicas > 1:
+            return list(grads)
+        return optimizer_copies(grads)
 
     def _norms(self, tensors: list[Any]) -> list[Any]:
         """L2 norm of each tensor, in float32, fused where the backend allows."""
@@ -305,12 +330,17 @@ class StepProbe(ProbeReader):
         if not self.remedies:
             scale = ops.ones((), "float32")
         rate = ops.convert_to_tensor(target._get_current_learning_rate())
+        factor = ops.ones((), "float32")
         if self.remedies:
             rate = ops.multiply(rate, ops.cast(controls[2], rate.dtype))
+            factor = ops.cast(controls[2], "float32")
         lr = ops.cast(rate, "float32")
         count = self.count_var.value
+        loss = self.tap.loss() if self.tap is not None else None
+        has_loss = ops.ones((), "float32") if loss is not None else ops.zeros((), "float32")
+        loss = ops.cast(loss, "float32") if loss is not None else nan
         head = ops.stack([
-            ops.cast(count, "float32"), global_norm, lr, ops.cast(skip, "float32"), scale,
+            ops.cast(count, "float32"), global_norm, lr, ops.cast(skip, "float32"), scale, loss, has_loss, factor,
         ])
         row = ops.concatenate([head, grad_vec, param_vec, ops.stack(zero_fraction), has_grad])
         slot = ops.mod(count, self.ring)
@@ -319,12 +349,133 @@ class StepProbe(ProbeReader):
                 updated = ops.slice_update(self.ring_var.value, [slot, 0], ops.expand_dims(row, 0))
                 self.ring_var.assign(updated)
                 self.count_var.assign(count + 1)
+        if self.remedies and self.tap is not None:
+            self.tap.note_skip(skip)  # PyTorch notes the flag once it is on the host (_steer)
         return {"grads": grads, "skip": skip, "scale": scale, "rate": rate, "do_clip": do_clip}
+
+    def _write_loss_jax(self, before: Sequence[Any], after: Sequence[Any], loss: Any) -> list[Any]:
+        """JAX: the loss tracker is updated after ``stateless_apply``: write the batch's loss into
+        the row of the new optimizer state, when ``apply`` ran for this batch (a
+        ``LossScaleOptimizer`` may have skipped it)."""
+        ops = self.keras.ops
+        out = list(after)
+        if not self.ready:
+            return out
+        ring_at, count_at = self.positions[0], self.positions[1]
+        count = after[count_at]
+        ran = ops.greater(count, before[count_at])
+        slot = ops.mod(count - 1, self.ring)
+        ring = after[ring_at]
+        old = ops.slice(ring, [slot, COL_LOSS], [1, 2])
+        new = ops.reshape(ops.stack([ops.cast(loss, "float32"), ops.ones((), "float32")]), (1, 2))
+        out[ring_at] = ops.slice_update(ring, [slot, COL_LOSS], ops.where(ran, new, old))
+        return out
 
     def _measure_torch(self, grads: list[Any], by_index: dict[int, Any]) -> dict[str, Any]:
         from .torch_backend import measure_torch
 
         return measure_torch(self, grads, by_index)
+
+    def _steer_tensorflow(self, plan: dict[str, Any], trainable_variables: Sequence[Any] | None) -> None:
+        """TensorFlow on one device: ``skip`` and ``clip`` as graph-level conds (no pass over the
+        gradients when they do not apply). The unclipped branch hands the optimizer copies of the
+        gradients made inside it, so that on a step gradwatch leaves alone Grappler meets the
+        same graph from the gradient to the update as unwatched (bit for bit the same step)."""
+        ops = self.keras.ops
+        target = self.target
+        user_rate = target._learning_rate
+        grads = plan["grads"]
+
+        def run(scaled: list[Any]) -> None:
+            object.__setattr__(target, "_learning_rate", _ScaledLearningRate(plan["rate"]))
+            # One replica: Keras's all-reduce is an identity (an IdentityN op). Grappler removes
+            # it in the step's own graph, but not inside a cond branch, where it would keep the
+            # gradient's last op from being rewritten with the update as it is unwatched.
+            previous = target.__dict__.get("_all_reduce_sum_gradients")
+            object.__setattr__(target, "_all_reduce_sum_gradients", list)
+            try:
+                self._original_apply(scaled, trainable_variables)
+            finally:
+                object.__setattr__(target, "_learning_rate", user_rate)
+                if previous is None:
+                    target.__dict__.pop("_all_reduce_sum_gradients", None)
+                else:
+                    object.__setattr__(target, "_all_reduce_sum_gradients", previous)
+
+        def clipped() -> None:
+            run([None if g is None else self._scale(g, plan["scale"]) for g in grads])
+
+        def plain() -> None:
+            run(optimizer_copies(grads))
+
+        ops.cond(plan["skip"], lambda: None, lambda: ops.cond(plan["do_clip"], clipped, plain))
+
+    def _xla(self, plan: dict[str, Any]) -> bool:
+        """The step being traced is compiled by XLA (``jax.jit``, or TensorFlow's ``jit_compile``)."""
+        if self.backend == "jax":
+            return _is_traced(plan["skip"])
+        if self.backend == "tensorflow":
+            import tensorflow as tf
+
+            return self.xla_program and not tf.executing_eagerly()
+        return False
+
+    def _steer_xla(self, plan: dict[str, Any], trainable_variables: Sequence[Any] | None) -> None:
+        """XLA: the optimizer reads the gradients as they come unless a clip level is in force
+        (the multiplication is compiled in only then: :meth:`select_program`), and a skipped step
+        is undone by a cond that selects the state as it was. Anything more between the
+        gradients and the update (a multiplication by 1, a select fused into it) changes how XLA
+        fuses the step, and with it the order of some sums (BatchNormalization's ``gamma``
+        gradient): one unit in the last place, that a diverging run grows."""
+        ops = self.keras.ops
+        target = self.target
+        grads = list(plan["grads"])
+        if self.clip_in_program:
+            grads = [None if g is None else self._scale(g, plan["scale"]) for g in grads]
+        state = list(target._trainable_variables) + [
+            v for v in target.variables if not any(v is mine for mine in self.owned)
+        ]
+        before = [ops.convert_to_tensor(v) for v in state]
+        user_rate = target._learning_rate
+        object.__setattr__(target, "_learning_rate", _ScaledLearningRate(plan["rate"]))
+        try:
+            self._original_apply(grads, trainable_variables)
+        finally:
+            object.__setattr__(target, "_learning_rate", user_rate)
+        after = [ops.convert_to_tensor(v) for v in state]
+        kept = ops.cond(plan["skip"], lambda: before, lambda: after)
+        for variable, value in zip(state, kept):
+            variable.assign(value)
+
+    def select_program(self, clip: bool) -> bool:
+        """XLA steps: use the train function compiled with (``clip=True``) or without the clipping,
+        tracing it on first use. Called between steps when a clip level comes into force or is
+        lifted.
+
+        Args:
+            clip: A clip level is in force.
+
+        Returns:
+            True when the train function changed.
+        """
+        if not self.xla_program or clip == self.clip_in_program:
+            return False
+        model = self.model
+        self._programs[self.clip_in_program] = model.train_function
+        self.clip_in_program = clip
+        cached = self._programs.get(clip)
+        if cached is not None:
+            model.train_function = cached
+        else:
+            model.make_train_function(force=True)
+        return True
+
+    @property
+    def xla_program(self) -> bool:
+        """The train function is compiled by XLA (``jit_compile``, the default on JAX)."""
+        if self.backend not in ("jax", "tensorflow"):
+            return False
+        return bool(getattr(self.model, "jit_compile", False)) and not getattr(self.model, "run_eagerly", False)
 
     def _steer(self, plan: dict[str, Any], trainable_variables: Sequence[Any] | None) -> Any:
         ops = self.keras.ops
@@ -334,6 +485,8 @@ class StepProbe(ProbeReader):
 
             # Eager: read the two flags in one transfer and do only the work they call for.
             skip, clip = torch.stack([plan["skip"], plan["do_clip"]]).tolist()
+            if self.tap is not None:
+                self.tap.note_skip(bool(skip))
             if skip:
                 return None
             scaled = plan["grads"]
@@ -342,20 +495,20 @@ class StepProbe(ProbeReader):
                 present = [i for i, g in enumerate(scaled) if g is not None]
                 for i, g in zip(present, torch._foreach_mul([scaled[i] for i in present], plan["scale"])):
                     scaled[i] = g
+        elif self._xla(plan) and strategy.replicas_in_sync(self.backend) <= 1:
+            return self._steer_xla(plan, trainable_variables)
         elif self.backend == "tensorflow":
+            if strategy.replicas_in_sync(self.backend) <= 1:
+                return self._steer_tensorflow(plan, trainable_variables)
             present = [i for i, g in enumerate(plan["grads"]) if g is not None]
             kept = [plan["grads"][i] for i in present]
-            # A graph-level cond: no pass over the gradients when no clipping is in force.
             clipped = ops.cond(plan["do_clip"], lambda: [self._scale(g, plan["scale"]) for g in kept], lambda: kept)
             scaled = list(plan["grads"])
             for i, g in zip(present, clipped):
                 scaled[i] = g
-        elif not _is_traced(plan["do_clip"]):
+        else:  # JAX without jit: eager, op by op
             do_clip = bool(plan["do_clip"])
             scaled = [g if g is None or not do_clip else self._scale(g, plan["scale"]) for g in plan["grads"]]
-        else:
-            # XLA fuses the multiplication into the update (a cond would copy the gradients).
-            scaled = [None if g is None else self._scale(g, plan["scale"]) for g in plan["grads"]]
         user_rate = target._learning_rate
         scaled_rate = _ScaledLearningRate(plan["rate"])
 
@@ -366,38 +519,25 @@ class StepProbe(ProbeReader):
             finally:
                 object.__setattr__(target, "_learning_rate", user_rate)
 
-        if self.backend == "jax" and not _is_traced(plan["skip"]):
+        if self.backend == "jax":
             # jit_compile=False: eager, op by op; a compiled cond would round differently.
             if not bool(plan["skip"]):
                 run()
             return None
-        if self.backend == "jax":
-            # No cond here: its branches would have to return the whole state, which XLA copies
-            # (measured: +3 ms a step on a 1.6 M-parameter MLP). Run the step and select the old
-            # values back where it is skipped; XLA fuses the select into the update, in place.
-            state = list(target._trainable_variables) + [
-                v for v in target.variables if not any(v is mine for mine in self.owned)
-            ]
-            before = [v.value for v in state]
-            run()
-            for variable, old in zip(state, before):
-                variable.assign(ops.where(plan["skip"], old, variable.value))
-            return None
         if self.backend == "torch":
             run()
             return None
-        if strategy.replicas_in_sync(self.backend) > 1:
-            # MirroredStrategy: a cond around Keras's merge_call must be taken across replicas.
-            def run_replica(grads: Any, variables: Any, rate: Any) -> None:
-                object.__setattr__(target, "_learning_rate", _ScaledLearningRate(rate))
-                try:
-                    self._original_apply(grads, variables)
-                finally:
-                    object.__setattr__(target, "_learning_rate", user_rate)
 
-            strategy.apply_unless(plan["skip"], run_replica, scaled, trainable_variables, plan["rate"])
-            return None
-        ops.cond(plan["skip"], lambda: None, run)
+        # TensorFlow under MirroredStrategy: a cond around Keras's merge_call must be taken
+        # across replicas.
+        def run_replica(grads: Any, variables: Any, rate: Any) -> None:
+            object.__setattr__(target, "_learning_rate", _ScaledLearningRate(rate))
+            try:
+                self._original_apply(grads, variables)
+            finally:
+                object.__setattr__(target, "_learning_rate", user_rate)
+
+        strategy.apply_unless(plan["skip"], run_replica, scaled, trainable_variables, plan["rate"])
         return None
 
 

@@ -52,11 +52,19 @@ def measure_torch(probe: Any, grads: list[Any], by_index: dict[int, Any]) -> dic
             do_clip = finite & ~skip & (global_norm > controls[1])
             scale = torch.where(do_clip, controls[1] / global_norm.clamp_min(1e-30), torch.ones((), device=device))
             rate = rate * controls[2].to(rate.dtype)
+            factor = controls[2].float()
         else:
             skip = do_clip = torch.zeros((), dtype=torch.bool, device=device)
             scale = torch.ones((), device=device)
+            factor = torch.ones((), device=device)
         count = probe.count_var.value
-        head = torch.stack([count.float(), global_norm, rate.float(), skip.float(), scale])
+        loss = probe.tap.loss() if probe.tap is not None else None
+        if loss is None:
+            loss_entries = [torch.full((), math.nan, device=device), torch.zeros((), device=device)]
+        else:
+            loss_entries = [loss.to(device=device, dtype=torch.float32).reshape(()), torch.ones((), device=device)]
+        head = torch.stack([count.float(), global_norm, rate.float(), skip.float(), scale, *loss_entries,
+                            factor.reshape(())])
         row = torch.cat([head, grad_vec, params, zero_fraction, has])
         with probe.lock:
             probe.ring_var.value.index_copy_(0, (count % probe.ring).long().view(1), row.view(1, -1))

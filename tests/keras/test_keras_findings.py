@@ -48,9 +48,8 @@ def test_too_large_learning_rate_explodes():
     model, x, y, lr, _ = exploding_regression()
     report, steps, _ = watch_fit(model, x, y, optimizer=keras.optimizers.SGD(lr), loss="mse",
                                  batch_size=64, shuffle=False)
-    exploding = [f for f in report.findings if f.kind == "exploding"]
-    assert exploding and exploding[0].severity == "error"
-    assert exploding[0].step < 20
+    exploding = [f for f in report.findings if f.kind == "exploding" and f.severity in ("warning", "error")]
+    assert exploding and exploding[0].step < 20, report.summary()
     assert steps[-1].global_norm > 1e10 * steps[0].global_norm  # observe left it alone
 
 
