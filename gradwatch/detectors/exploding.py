@@ -66,6 +66,8 @@ SANE_UPDATE = 0.01
 """A healthy step changes the weights by about this share of them (1e-3 to 1e-2 is the usual
 range); an update ``change`` times the weights suggests an LR ``SANE_UPDATE / change`` times lower."""
 EARLY_STEPS = 5
+EARLY_LOSSES = 3
+"""The losses on which the init is judged against the chance level."""
 HUGE_RATIO = 10.0
 """In the first steps, a gradient norm this many times the weights' norm, right before a NaN,
 is an explosion from step 0. (A gradient as large as the weights is ordinary in a small model at
@@ -87,12 +89,18 @@ class ExplodingState(NamedTuple):
     """The previous measured step was a moderate jump: a second one in a row is an explosion."""
     early: float = math.nan
     """Median log norm of the first ``warmup`` finite steps: the level the run started at."""
+    early_max: float = math.nan
+    """Largest log norm of the first ``warmup`` finite steps."""
     nonfinite_before: bool = False
     """The previous measured step was non-finite (rule 3 judges the first of a run of them)."""
     losses: tuple = ()
     """The last ``LOSS_WINDOW`` finite losses (rule 4)."""
     loss_start: float = math.nan
     """Median of the first ``LOSS_WINDOW`` finite losses."""
+    loss_first_max: float = math.nan
+    """The largest of the first ``LOSS_WINDOW`` finite losses."""
+    losses_seen: int = 0
+    """Finite losses seen."""
     weight_norm: float = math.nan
     """Norm of all weight tensors together at the last step that measured it (rule 5)."""
     weight_step: int = -1
@@ -114,6 +122,7 @@ def exploding(
     window: int = 10,
     growth_factor: float = 100.0,
     nan_growth: float = 10.0,
+    start_factor: float = 10.0,
     loss_rise: float = 3.0,
     chance_ratio: float = 10.0,
     max_update: float = 1.0,
@@ -132,9 +141,13 @@ def exploding(
         window: Steps over which sustained growth is judged. Defaults to 10.
         growth_factor: Growth over ``window`` steps that counts as an explosion. Defaults to 100.0.
         nan_growth: Growth before a NaN that makes the NaN an explosion's. Defaults to 10.0.
-        loss_rise: Rise of the loss over its starting level that counts as running away.
-            Defaults to 3.0.
-        chance_ratio: Loss over its chance level that counts as running away. Defaults to 10.0.
+        start_factor: Sustained growth counts only where the norm is this many times the level
+            the run started at (growth back from a converged run's tiny gradients does not).
+            Defaults to 10.0.
+        loss_rise: Rise of the loss over its starting level that counts as running away (the
+            loss must also stand above every one of the run's first losses). Defaults to 3.0.
+        chance_ratio: A first loss this many times its chance level: broken from step 0 (judged
+            on the run's first losses only). Defaults to 10.0.
         max_update: Change of the weights' norm in one step, as a share of it. Defaults to 1.0.
         clip_z: Standard deviations above the EMA for the suggested clip level. Defaults to 2.0.
 
@@ -159,7 +172,7 @@ def exploding(
     check_positive("alpha", alpha, below=1.0)
     for name, value in (("z_threshold", z_threshold), ("growth_factor", growth_factor), ("max_update", max_update),
                         ("floor_share", floor_share), ("nan_growth", nan_growth), ("loss_rise", loss_rise),
-                        ("chance_ratio", chance_ratio)):
+                        ("chance_ratio", chance_ratio), ("start_factor", start_factor)):
         check_positive(name, value)
     if not 1.0 <= min_ratio <= big_ratio:
         raise ValueError(f"exploding needs 1 <= min_ratio <= big_ratio. Received min_ratio={min_ratio!r}, "
@@ -218,7 +231,13 @@ def exploding(
                           "ratio": ratio, "z": z, "clip_threshold": clip_level, "remedy": "clip"},
             ))
         growth_span = _sustained_growth(history, window, math.log(growth_factor))
-        if growth_span:
+        # Growth back from a converged run's tiny gradients (or, with batches of one sample, from a
+        # sample already fitted) is not a divergence: the norm must also stand well above the level
+        # the run started at, and above the largest norm of its first steps.
+        above_start = not math.isfinite(state.early) or (
+            log_norm >= state.early + math.log(start_factor)
+            and (not math.isfinite(state.early_max) or log_norm > state.early_max))
+        if growth_span and above_start:
             span = history[-growth_span:]
             layers = _exploding_layers(stats, tensor_log, state.tensor_log_mean, 1.0)
             growth = math.exp(min(span[-2:]) - _start_level(span))
@@ -253,14 +272,15 @@ def exploding(
                      state.tensor_log_mean + rate * (np.minimum(tensor_log, state.tensor_log_mean + threshold)
                                                      - state.tensor_log_mean)),
         )
-        early = state.early
+        early, early_max = state.early, state.early_max
         if state.seen + 1 <= warmup:  # the level the run starts at: the median of its first steps
             early = median(history[-min(filled, warmup):])
+            early_max = log_norm if not math.isfinite(early_max) else max(early_max, log_norm)
         weights = _weights_norm(stats)
         ratio_to_weights = norm / weights if math.isfinite(weights) and weights > 0 else state.last_ratio
         return findings, state._replace(
             seen=state.seen + 1, log_mean=float(log_mean), log_var=float(log_var), recent=recent, cursor=cursor,
-            tensor_log_mean=tensor_mean, pending=jump and not spike, early=float(early),
+            tensor_log_mean=tensor_mean, pending=jump and not spike, early=float(early), early_max=float(early_max),
             nonfinite_before=False, last_ratio=float(ratio_to_weights),
         )
 
@@ -307,13 +327,16 @@ def _judge_loss(stats: StepStats, state: ExplodingState, findings: list[Finding]
     if loss is None or not math.isfinite(loss):
         return state
     losses = (state.losses + (loss,))[-LOSS_WINDOW:]
-    start = state.loss_start
+    start, first_max = state.loss_start, state.loss_first_max
     if math.isnan(start) and len(losses) == LOSS_WINDOW:
-        start = median(np.array(losses))
-    state = state._replace(losses=losses, loss_start=float(start))
+        start, first_max = median(np.array(losses)), max(losses)
+    seen = state.losses_seen + 1
+    state = state._replace(losses=losses, loss_start=float(start), loss_first_max=float(first_max), losses_seen=seen)
     level = median(np.array(losses))
     chance = stats.chance_loss
-    if chance is not None and chance > 0 and level > chance_ratio * chance:
+    # The init is judged on the run's first losses only: a loss that climbs far above chance
+    # later is the step size's doing (rules 1, 2 and 5, and the rise below), not the init's.
+    if chance is not None and chance > 0 and seen <= EARLY_LOSSES and level > chance_ratio * chance:
         findings.append(Finding(
             kind="exploding",
             severity="error",
@@ -327,7 +350,10 @@ def _judge_loss(stats: StepStats, state: ExplodingState, findings: list[Finding]
             evidence={"rule": "loss_over_chance", "loss": level, "chance_loss": chance,
                       "clip_threshold": math.inf, "remedy": "report"},
         ))
-    elif len(losses) == LOSS_WINDOW and math.isfinite(start) and start > 0 and level > loss_rise * start:
+    elif (len(losses) == LOSS_WINDOW and math.isfinite(start) and start > 0 and level > loss_rise * start
+          and level > first_max):
+        # Above every one of the first losses too: a noisy tiny-batch loss that wanders up from
+        # its floor, still below where training began, is not a divergence.
         findings.append(Finding(
             kind="exploding",
             severity="error" if level > 10 * loss_rise * start else "warning",
