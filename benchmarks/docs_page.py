@@ -5,7 +5,8 @@ Usage (from the repository root)::
     python -m benchmarks.docs_page build/bench docs/benchmarks.md
 
 Reads ``detection*.json`` (several: one per Keras backend, say), ``remedy.json`` and
-``overhead.json`` from the folder; a missing file leaves its section saying so. The zoo
+``overhead.json`` from the folder; a section whose file is missing is kept as the page had it
+(or says "Not run."). The zoo
 (``zoo-<framework>.json`` from ``make zoo``, report seeds only) gets the ``## Zoo`` section and
 its full list of failures on ``docs/zoo-<framework>.md``; when no report-seed zoo file is in the
 folder, the page's ``## Zoo`` section is kept as it was, and so is the ``## Doctor`` section
@@ -165,6 +166,8 @@ def targets(folder: Path) -> str:
     return "\n".join(lines)
 
 
+ZOO_NOTE = Path(__file__).resolve().parent / "zoo" / "NOTE.md"
+"""What the published zoo seeds went through (markdown), shown after the section's introduction."""
 ZOO_REPORT_SEEDS_FROM = 1000
 """The zoo's rules are tuned on seeds 0-99; only runs on seeds from here on are published."""
 
@@ -188,13 +191,14 @@ def _zoo_files(folder: Path) -> list[tuple[Path, dict[str, Any]]]:
         except (ValueError, KeyError, json.JSONDecodeError):
             continue
         if first >= ZOO_REPORT_SEEDS_FROM and not data.get("only"):
-            out.append((f, data))
-    return out
+            out.append((first, f, data))
+    return [(f, data) for _, f, data in sorted(out, key=lambda x: x[0], reverse=True)]
 
 
-def zoo_section(folder: Path, docs: Path | None) -> str:
-    """``## Zoo`` from the report-seed zoo files in ``folder`` (empty when there is none); with
-    ``docs``, every failure of each framework goes to ``docs/zoo-<framework>.md``."""
+def zoo_section(folder: Path, docs: Path | None, note: str = "") -> str:
+    """``## Zoo`` from the report-seed zoo files in ``folder``, newest seeds first (empty when there
+    is none); with ``docs``, every failure of each file goes to ``docs/<file name>.md``; ``note``
+    (markdown, by default ``benchmarks/zoo/NOTE.md``) goes after the introduction."""
     from benchmarks.zoo.report import summary_markdown
 
     files = _zoo_files(folder)
@@ -208,6 +212,10 @@ def zoo_section(folder: Path, docs: Path | None) -> str:
              "each label confirmed by the unwatched run (unconfirmed runs are dropped). "
              f"The rules and thresholds were tuned on seeds 0-99; the tables below are seeds "
              f"{ZOO_REPORT_SEEDS_FROM}+, which nobody looked at while tuning. Rerun with `make zoo`.", ""]
+    if not note and ZOO_NOTE.exists():
+        note = ZOO_NOTE.read_text()
+    if note:
+        parts += [note.strip(), ""]
     for path, data in files:
         totals = data["totals"]
         fw = totals["framework"]
@@ -220,10 +228,10 @@ def zoo_section(folder: Path, docs: Path | None) -> str:
                      + ", ".join(f"{k} {v}" for k, v in prov.get("versions", {}).items()) + ".")
         failures = path.with_suffix(".md")
         if docs is not None and failures.exists():
-            page = docs.parent / f"zoo-{fw}.md"
-            page.write_text(f"# Zoo, every run that failed: {fw}\n\nFrom `make zoo` "
+            page = docs.parent / f"{path.stem}.md"
+            page.write_text(f"# Zoo, every run that failed: {fw}, seeds {data['seeds']}\n\nFrom `make zoo` "
                             f"(see [benchmarks](benchmarks.md#zoo)).\n\n" + failures.read_text())
-            parts.append(f"Every false alarm, miss, failed rescue and dropped run: [zoo-{fw}.md](zoo-{fw}.md).")
+            parts.append(f"Every false alarm, miss, failed rescue and dropped run: [{page.name}]({page.name}).")
         parts.append("")
     return "\n".join(parts).rstrip("\n")
 
@@ -237,28 +245,23 @@ def render(folder: Path, previous: str = "", docs: Path | None = None) -> str:
         HEADER,
         f"Last run: {stamp}.",
         "",
-        "## Targets",
-        "",
-        targets(folder),
-        "",
+        *_section_or_kept(previous, "## Targets", targets(folder) if _detection_files(folder)
+                          or (folder / "remedy.json").exists() else "Not run."),
         "## Machine",
         "",
         machine(),
         "",
-        "## Detection",
-        "",
-        detection_section(folder),
-        "",
-        "## Remedies",
-        "",
-        remedy_section(folder),
-        "",
-        "## Overhead",
-        "",
-        overhead_section(folder),
-        "",
+        *_section_or_kept(previous, "## Detection", detection_section(folder)),
+        *_section_or_kept(previous, "## Remedies", remedy_section(folder)),
+        *_section_or_kept(previous, "## Overhead", overhead_section(folder)),
         *extra,
     ])
+
+
+def _section_or_kept(previous: str, heading: str, body: str) -> list[str]:
+    """A section from this run's results, or (``Not run.``) the page's section as it was."""
+    kept = kept_section(previous, heading) if body == "Not run." else ""
+    return [kept, ""] if kept else [heading, "", body, ""]
 
 
 def main(argv: list[str] | None = None) -> int:

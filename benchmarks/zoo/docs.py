@@ -3,7 +3,7 @@ from the report-seed zoo files of a folder, leaving the rest of the page as it i
 
 Usage (from the repository root)::
 
-    python -m benchmarks.zoo.docs build/bench docs/benchmarks.md
+    python -m benchmarks.zoo.docs build/bench docs/benchmarks.md [--note NOTE.md]
 """
 
 from __future__ import annotations
@@ -31,12 +31,20 @@ def replace_section(text: str, heading: str, new: str, before: str = "## Doctor"
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
+    args = list(sys.argv[1:] if argv is None else argv)
+    note = ""
+    if "--note" in args:
+        at = args.index("--note")
+        if at + 1 >= len(args):
+            print("--note takes a markdown file", file=sys.stderr)
+            return 2
+        note = Path(args[at + 1]).read_text()
+        del args[at:at + 2]
     if len(args) != 2:
-        print("usage: python -m benchmarks.zoo.docs RESULTS_FOLDER PAGE.md", file=sys.stderr)
+        print("usage: python -m benchmarks.zoo.docs RESULTS_FOLDER PAGE.md [--note NOTE.md]", file=sys.stderr)
         return 2
     folder, page = Path(args[0]), Path(args[1])
-    section = zoo_section(folder, docs=page)
+    section = zoo_section(folder, docs=page, note=note)
     if not section:
         print(f"no zoo results on report seeds in {folder} (make zoo writes them)", file=sys.stderr)
         return 1

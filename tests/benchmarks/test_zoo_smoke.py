@@ -157,6 +157,29 @@ def test_a_20_run_sample_runs_end_to_end_and_is_scored(tmp_path):
     again = ZooOutcome.from_dict(json.loads(json.dumps(outcomes[0].to_dict())))
     assert again == outcomes[0]
 
+    # The docs section: only report seeds are published, with every failure on a page of its own.
+    from benchmarks.docs_page import zoo_section
+    from benchmarks.zoo.docs import main as write_docs
+
+    results, docs = tmp_path / "bench", tmp_path / "docs"
+    results.mkdir()
+    docs.mkdir()
+    page = docs / "benchmarks.md"
+    page.write_text("# Benchmarks\n\n## Overhead\n\nkept\n\n## Doctor\n\nkept too\n")
+    (results / "zoo-torch.json").write_text(json.dumps({"seeds": "0-19", "totals": totals}))
+    assert zoo_section(results, None) == ""  # tuning seeds are never published
+    (results / "zoo-torch.json").write_text(json.dumps({"seeds": "2000-2019", "totals": totals}))
+    (results / "zoo-torch.md").write_text(failures_markdown(outcomes))
+    note = tmp_path / "note.md"
+    note.write_text("How these seeds were chosen.")
+    assert write_docs([str(results), str(page), "--note", str(note)]) == 0
+    text = page.read_text()
+    assert text.index("## Overhead") < text.index("## Zoo") < text.index("## Doctor")
+    assert "kept\n" in text and "kept too" in text and "How these seeds were chosen." in text
+    assert "### Seeds 2000-2019: torch" in text and "(zoo-torch.md)" in text
+    assert "### Dropped" in (docs / "zoo-torch.md").read_text()
+    assert write_docs([str(results), str(page)]) == 0 and page.read_text().count("## Zoo") == 1
+
 
 def test_scoring_counts_alarms_on_healthy_runs_and_before_the_onset_apart():
     def outcome(seed, pathology=None, alarms=(), detected=False, latency=None, rescued=None, needs=None):
