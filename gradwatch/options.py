@@ -16,6 +16,7 @@ ValueError: every must be an int >= 1 (measure every N optimizer steps). Receive
 
 from __future__ import annotations
 
+import logging
 import numbers
 import warnings
 from typing import Any
@@ -132,3 +133,46 @@ def param_norm_every_from(owner: str, param_norms: Any, param_norm_every: Any) -
     value = 1 if param_norms else 0
     deprecated_alias(owner, "param_norms", f"param_norm_every={value}", stacklevel=4)
     return value
+
+
+ROLLBACK_EVERY = 20
+"""Healthy measured steps between rollback snapshots under ``rollback_every="auto"``."""
+ROLLBACK_BUDGET_BYTES = 1 << 30
+"""``rollback_every="auto"`` keeps snapshots only while one copy (counted as three times the
+parameters: the parameters and an optimizer state of up to twice their size) fits in this."""
+
+
+def resolve_rollback_every(rollback_every: int | str | None, policy: Any, parameter_bytes: int) -> int | None:
+    """The snapshot period an adapter uses for a validated ``rollback_every``.
+
+    ``"auto"``: :data:`ROLLBACK_EVERY` when ``policy`` rolls back and ``3 * parameter_bytes`` fits
+    :data:`ROLLBACK_BUDGET_BYTES`; beyond the budget None, said once on the ``gradwatch`` logger
+    (INFO) with the option that keeps one anyway; None under a policy that never rolls back.
+
+    Args:
+        rollback_every: The value :func:`check_rollback_every` returned.
+        policy: The monitor's policy.
+        parameter_bytes: Bytes of the parameters that would be copied.
+
+    Returns:
+        Healthy steps between snapshots, or None for no snapshot.
+
+    >>> from gradwatch.policy import AutoPolicy, ObservePolicy
+    >>> resolve_rollback_every("auto", AutoPolicy(), 4_000), resolve_rollback_every("auto", ObservePolicy(), 4_000)
+    (20, None)
+    >>> resolve_rollback_every(5, ObservePolicy(), 4_000)
+    5
+    """
+    if rollback_every != "auto":
+        return None if rollback_every is None else int(rollback_every)
+    if not getattr(policy, "rollback", False):
+        return None  # observe, or a policy that never rolls back: no copy, no cost
+    size = 3 * int(parameter_bytes)
+    if size > ROLLBACK_BUDGET_BYTES:
+        logging.getLogger("gradwatch").info(
+            "gradwatch keeps no rollback snapshot: one copy of the parameters and optimizer state "
+            "(~%.1f GiB) is over the %.0f GiB budget. Pass rollback_every=%d to keep one anyway.",
+            size / 2**30, ROLLBACK_BUDGET_BYTES / 2**30, ROLLBACK_EVERY,
+        )
+        return None
+    return ROLLBACK_EVERY

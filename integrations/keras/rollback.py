@@ -42,11 +42,8 @@ from typing import Any
 
 import numpy as np
 
-ROLLBACK_EVERY = 20
-"""``rollback_every="auto"``: healthy measured steps in a row between two snapshots."""
-ROLLBACK_BUDGET_BYTES = 1 << 30
-"""``rollback_every="auto"`` keeps snapshots while one copy of the weights and an Adam-like
-optimizer state (three times the weights) fits in this many bytes (1 GiB), as in PyTorch."""
+from gradwatch.options import ROLLBACK_BUDGET_BYTES, ROLLBACK_EVERY
+from gradwatch.options import resolve_rollback_every as resolve_options_rollback
 
 _LOG = logging.getLogger("gradwatch")
 
@@ -54,29 +51,9 @@ __all__ = ["ROLLBACK_BUDGET_BYTES", "ROLLBACK_EVERY", "KerasRollbacks", "KerasSn
 
 
 def resolve_rollback_every(rollback_every: int | str | None, policy: Any, weights: list[Any]) -> int | None:
-    """``"auto"``: :data:`ROLLBACK_EVERY` when ``policy`` rolls back and the copy fits the budget.
-
-    Args:
-        rollback_every: The validated option (an int, ``"auto"`` or None).
-        policy: The monitor's policy.
-        weights: The trainable variables.
-
-    Returns:
-        Healthy steps between snapshots, or None for no snapshot.
-    """
-    if rollback_every != "auto":
-        return rollback_every  # type: ignore[return-value]
-    if not getattr(policy, "rollback", False):
-        return None  # observe, or a policy that never rolls back: no copy, no cost
-    size = 3 * sum(int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize for v in weights)
-    if size > ROLLBACK_BUDGET_BYTES:
-        _LOG.info(
-            "gradwatch keeps no rollback snapshot: one copy of the weights and optimizer state "
-            "(~%.1f GiB) is over the %.0f GiB budget. Pass rollback_every=%d to keep one anyway.",
-            size / 2**30, ROLLBACK_BUDGET_BYTES / 2**30, ROLLBACK_EVERY,
-        )
-        return None
-    return ROLLBACK_EVERY
+    """:func:`gradwatch.options.resolve_rollback_every` for a Keras model's trainable variables."""
+    size = sum(int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize for v in weights)
+    return resolve_options_rollback(rollback_every, policy, size)
 
 
 class KerasSnapshot:

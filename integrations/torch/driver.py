@@ -39,7 +39,14 @@ import torch
 
 from gradwatch.failsafe import FailSafe
 from gradwatch.monitor import Monitor
-from gradwatch.options import check_every, check_param_norm_every, check_rollback_every
+from gradwatch.options import (
+    ROLLBACK_BUDGET_BYTES,
+    ROLLBACK_EVERY,
+    check_every,
+    check_param_norm_every,
+    check_rollback_every,
+    resolve_rollback_every,
+)
 from gradwatch.policy import Controls, Decision
 from gradwatch.stats import StepStats
 
@@ -57,11 +64,6 @@ non-finite norm must leave the gradients alone."""
 __all__ = ["EARLY_PARAM_STEPS", "ROLLBACK_BUDGET_BYTES", "ROLLBACK_EVERY", "Clip", "StepDriver", "chance_loss_of",
            "clip_directly"]
 
-ROLLBACK_EVERY = 20
-"""``rollback_every="auto"``: healthy steps in a row between two snapshots."""
-ROLLBACK_BUDGET_BYTES = 1 << 30
-"""``rollback_every="auto"`` keeps snapshots while one copy of the parameters and of an
-Adam-like optimizer state (three times the parameters) fits in this many bytes (1 GiB)."""
 EARLY_PARAM_STEPS = 20
 """Parameter norms are measured on every one of the first measured steps, and for as many after
 a rollback or an LR change: the absolute rules (updates as large as the weights) need them on
@@ -409,19 +411,8 @@ class StepDriver:
 
     def _resolve_rollback_every(self, rollback_every: int | str | None) -> int | None:
         """``"auto"``: snapshots when the policy rolls back and one copy fits the budget."""
-        if rollback_every != "auto":
-            return rollback_every  # type: ignore[return-value]
-        if not getattr(self.monitor.policy, "rollback", False):
-            return None  # observe (or a policy that never rolls back): no copy, no cost
-        size = 3 * sum(p.numel() * p.element_size() for p in self.params.params)
-        if size > ROLLBACK_BUDGET_BYTES:
-            _LOG.info(
-                "gradwatch keeps no rollback snapshot: one copy of the parameters and optimizer state "
-                "(~%.1f GiB) is over the %.0f GiB budget. Pass rollback_every=%d to keep one anyway.",
-                size / 2**30, ROLLBACK_BUDGET_BYTES / 2**30, ROLLBACK_EVERY,
-            )
-            return None
-        return ROLLBACK_EVERY
+        size = sum(p.numel() * p.element_size() for p in self.params.params)
+        return resolve_rollback_every(rollback_every, self.monitor.policy, size)
 
     def _refresh_layout(self) -> None:
         if self.params.stale(self.optimizers):
