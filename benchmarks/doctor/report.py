@@ -160,7 +160,7 @@ def section(rows: list[dict[str, Any]], machine: str, note: str = "") -> str:
         "with a strict budget (`budget_s` = the baseline's measured full-run seconds) and with its own estimate "
         "(`full_steps` = the full run's steps, timed at its watched baseline trial's pace, as `gradwatch doctor "
         "--full-steps` does), and the top-ranked repair is applied to a fresh copy and trained for the same full "
-        "run, watched. A case succeeds when that run is healthy and reaches {TARGET_SHARE:.0%} of the "
+        f"run, watched. A case succeeds when that run is healthy and reaches {TARGET_SHARE:.0%} of the "
         "known-good accuracy. The doctor's rules were tuned on the *tune* split (digits, moons, digits-seq) and the "
         "*report* split (wine, circles, classification, breast_cancer, classification-seq) was run once they were "
         "fixed; the targets are judged on the report split.",
