@@ -14,7 +14,12 @@ from typing import Any
 from .evaluate import ZooOutcome, error_outcome, evaluate
 from .sampler import sample
 
-FRAMEWORKS = ("torch",)
+FRAMEWORKS = ("torch", "keras")
+
+
+class Unsupported(NotImplementedError):
+    """Raised by a runner for a spec it cannot train faithfully (the message says why): the seed
+    is recorded as ``dropped`` with reason ``"unsupported by <framework>: <why>"``, not as an error."""
 
 
 def make_runner(framework: str) -> Any:
@@ -23,6 +28,12 @@ def make_runner(framework: str) -> Any:
 
         setup_worker()
         return TorchRunner()
+    if framework == "keras":  # the backend is KERAS_BACKEND's
+        from .keras_runner import KerasRunner
+        from .keras_runner import setup_worker as setup_keras_worker
+
+        setup_keras_worker()
+        return KerasRunner()
     raise ValueError(f"Unknown framework {framework!r}; known: {FRAMEWORKS}.")
 
 
@@ -51,6 +62,10 @@ def run_seed(seed: int, framework: str = "torch", max_steps: int | None = None, 
             raise RuntimeError(f"the worker could not start its {framework} runner: {_INIT_ERROR!r}")
         runner = runner or _RUNNER or make_runner(framework)
         return evaluate(spec, runner).to_dict()
+    except Unsupported as exc:  # refused by the runner, with its reason: dropped, never an error
+        out = error_outcome(spec, getattr(runner, "framework", framework), exc, time.perf_counter() - start)
+        out.status, out.reason = "dropped", f"unsupported by {framework}: {exc}"
+        return out.to_dict()
     except Exception as exc:  # one broken run must not hide the others' results
         return error_outcome(spec, framework, exc, time.perf_counter() - start).to_dict()
 
@@ -92,4 +107,4 @@ def _star(args: tuple[int, str, int | None]) -> dict[str, Any]:
     return run_seed(*args)
 
 
-__all__ = ["FRAMEWORKS", "make_runner", "run_seed", "run_zoo"]
+__all__ = ["FRAMEWORKS", "Unsupported", "make_runner", "run_seed", "run_zoo"]
