@@ -261,7 +261,13 @@ def render(folder: Path, previous: str = "", docs: Path | None = None) -> str:
 def _section_or_kept(previous: str, heading: str, body: str) -> list[str]:
     """A section from this run's results, or (``Not run.``) the page's section as it was."""
     kept = kept_section(previous, heading) if body == "Not run." else ""
-    return [kept, ""] if kept else [heading, "", body, ""]
+    if not kept:
+        return [heading, "", body, ""]
+    mark = "_Not rerun by the last `make bench`: the results below are those of the run before._"
+    lines = kept.splitlines()
+    if mark not in kept:
+        lines[1:1] = ["", mark]
+    return ["\n".join(lines), ""]
 
 
 def main(argv: list[str] | None = None) -> int:

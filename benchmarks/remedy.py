@@ -4,9 +4,10 @@ For every detection scenario marked ``remedy=True`` (the exploding and non-finit
 seeded run is trained:
 
 * ``unwatched``: as is;
-* ``gradwatch``: ``gradwatch.watch(model, optimizer)`` with the default ``auto`` policy;
-* ``gradwatch-rollback``: the same with ``rollback_every=25`` (a snapshot to restore when the
-  parameters turn non-finite);
+* ``gradwatch``: ``gradwatch.watch(model, optimizer)`` with its defaults (the ``auto`` policy,
+  rollback snapshots ``rollback_every="auto"``);
+* ``gradwatch-no-rollback``: the same with ``rollback_every=None`` (no snapshot: skipping,
+  clipping and the LR only);
 * ``clip-1.0``: ``torch.nn.utils.clip_grad_norm_(params, 1.0)`` every step;
 * ``autoclip-p10``: AutoClip, clip at the 10th percentile of the norm history (Seetharaman 2020);
 * ``zclip``: z-score clipping on an EMA of the norm (Kumar 2025), ``alpha=0.97``, ``z=2.5``.
@@ -39,7 +40,7 @@ import gradwatch
 from benchmarks.clipping import AutoClip, ZClip, clip_to
 from benchmarks.detection.torch_harness import Scenario
 
-METHODS = ("unwatched", "gradwatch", "gradwatch-rollback", "clip-1.0", "autoclip-p10", "zclip")
+METHODS = ("unwatched", "gradwatch", "gradwatch-no-rollback", "clip-1.0", "autoclip-p10", "zclip")
 ALTERNATIVES = ("clip-1.0", "autoclip-p10", "zclip")
 
 
@@ -65,8 +66,8 @@ def run_method(scenario: Scenario, method: str) -> dict[str, Any]:
     params = [[p for p in g.model.parameters() if p.requires_grad] for g in run.groups]
     watches: list[Any] = []
     rules: list[Callable[[list[torch.Tensor]], None]] = []
-    if method in ("gradwatch", "gradwatch-rollback"):
-        every = 25 if method == "gradwatch-rollback" else None
+    if method in ("gradwatch", "gradwatch-no-rollback"):
+        every = None if method == "gradwatch-no-rollback" else "auto"
         watches = [gradwatch.watch(g.model, g.optimizers, scaler=g.scaler, rollback_every=every) for g in run.groups]
     elif method == "clip-1.0":
         rules = [lambda ps: clip_to(ps, 1.0) for _ in run.groups]
