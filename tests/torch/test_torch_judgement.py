@@ -188,7 +188,9 @@ def test_a_relu_rnn_that_is_nan_at_step_1_is_an_explosion():
             self.head = nn.Linear(64, 10)
             with torch.no_grad():
                 q, _ = torch.linalg.qr(torch.randn(64, 64))
-                getattr(self.rnn, "weight_hh_l0").copy_(q * 12.0)
+                recurrent = self.rnn.weight_hh_l0
+                assert isinstance(recurrent, torch.Tensor)
+                recurrent.copy_(q * 12.0)
 
         def forward(self, x):
             return self.head(self.rnn(x)[0][:, -1])
