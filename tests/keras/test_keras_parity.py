@@ -250,3 +250,25 @@ def test_get_config_round_trips_rollback_every(rollback_every):
 def test_a_bad_rollback_every_is_refused_at_construction(bad):
     with pytest.raises(ValueError, match="rollback_every"):
         GradWatch(rollback_every=bad)
+
+
+def weight_decay_run(callbacks=()):
+    keras.utils.set_random_seed(0)
+    x = np.random.RandomState(0).randn(256, 8).astype("float32")
+    y = (x[:, 0] > 0).astype("int32")
+    model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(32, activation="relu"), keras.layers.Dense(2)])
+    schedule = keras.optimizers.schedules.CosineDecay(0.01, 100)
+    model.compile(keras.optimizers.SGD(schedule, weight_decay=0.05),
+                  keras.losses.SparseCategoricalCrossentropy(from_logits=True), jit_compile=False)
+    model.fit(x, y, batch_size=32, epochs=2, verbose=0, shuffle=False, callbacks=list(callbacks))
+    return [np.array(v) for v in numpy_of(model.weights)]
+
+
+@pytest.mark.xfail(keras.backend.backend() == "tensorflow", strict=True,
+                   reason="known bug: on TensorFlow, a traced step that runs the optimizer with gradwatch's "
+                          "learning-rate stand-in rounds weight decay with a scheduled LR differently "
+                          "(one unit in the last place; also under jax.jit); eager steps are exact")
+def test_a_healthy_auto_run_with_weight_decay_and_a_schedule_is_bit_for_bit_the_unwatched_run():
+    plain = weight_decay_run()
+    watched = weight_decay_run([GradWatch(policy="auto")])
+    assert all(np.array_equal(a, b) for a, b in zip(plain, watched))
