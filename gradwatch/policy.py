@@ -75,6 +75,19 @@ class Decision:
         """A finding of severity warning or error was made on this step."""
         return any(f.severity in ("warning", "error") for f in self.findings)
 
+    def healthy_after(self, stats: StepStats) -> bool:
+        """The step may be followed by a rollback snapshot: finite gradients and parameters, no
+        alarm, and left alone (no skip, rollback, clip or other action). The one rule every
+        adapter's snapshots use.
+
+        Args:
+            stats: The step's statistics.
+        """
+        return bool(
+            stats.finite and not stats.params_nonfinite.any() and not self.skip and not self.rollback
+            and self.clip_norm is None and not self.alarm and not self.actions
+        )
+
 
 NEVER = -(10**9)
 """The step of something that has not happened yet (far enough back for every cool-down)."""

@@ -300,9 +300,10 @@ def _after_growth(stats: StepStats, state: ExplodingState, findings: list[Findin
     # In the first steps there is no history to grow from: a gradient an order of magnitude larger
     # than the weights it belongs to, right before the NaN, says the same (broken from step 0).
     huge = state.seen < EARLY_STEPS and math.isfinite(state.last_ratio) and state.last_ratio >= HUGE_RATIO
-    if not ((rising and grew >= math.log(nan_growth)) or huge):
+    grown = rising and grew >= math.log(nan_growth)
+    if not (grown or huge):
         return
-    why = (f"grew {math.exp(grew):.0f}x over the last {len(history)} steps" if rising and grew >= math.log(nan_growth)
+    why = (f"grew {math.exp(grew):.0f}x over the last {len(history)} steps" if grown
            else f"was {state.last_ratio:.3g}x the norm of the weights themselves")
     findings.append(Finding(
         kind="exploding",

@@ -331,7 +331,7 @@ class GradWatch(keras.callbacks.Callback):
             key = self._fit_batches0 + step + 1 - self._fit_count0
             decision = self._observe(stats, row, probe, can_rollback=self._rollbacks.can_rollback(key - 1))
             newest = stats
-            self._rollbacks.record(key, _healthy(stats, decision), decision.rollback)
+            self._rollbacks.record(key, decision.healthy_after(stats), decision.rollback)
             controls = self.monitor.controls
             if controls != (self._decisions[-1][1] if self._decisions else self._written):
                 self._decisions.append((key, controls))
@@ -485,17 +485,6 @@ class _AtLr:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._policy, name)
-
-
-def _healthy(stats: StepStats, decision: Any) -> bool:
-    """A step a rollback snapshot may follow: finite, left alone, and no alarm (as in PyTorch)."""
-    alarm = getattr(decision, "alarm", None)
-    if alarm is None:
-        alarm = any(f.severity in ("warning", "error") for f in getattr(decision, "findings", ()))
-    return bool(
-        stats.finite and not stats.params_nonfinite.any() and not decision.skip and not decision.rollback
-        and decision.clip_norm is None and not alarm and not decision.actions
-    )
 
 
 CROSS_ENTROPIES = {

@@ -337,11 +337,7 @@ class Rollbacks:
         """
         if self.every is None:
             return
-        healthy = (
-            stats.finite and not bool(stats.params_nonfinite.any())
-            and not decision.skip and not decision.rollback and decision.clip_norm is None
-            and not decision.alarm and not decision.actions
-        )
+        healthy = decision.healthy_after(stats)
         if self.snapshot is None and stats.finite and not bool(stats.params_nonfinite.any()):
             # The first: the initial parameters, whatever was found on this step. A run broken
             # from its first step has nothing better to go back to.
