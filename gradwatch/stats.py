@@ -19,6 +19,10 @@ import numpy as np
 
 from gradwatch.jsonvalues import to_json
 
+UNIT_STREAK = 10
+"""Measured steps in a row with an exactly-zero gradient after which an adapter that follows
+units one by one counts a unit as dead (:attr:`StepStats.dead_fraction`)."""
+
 ROLES = ("weight", "bias", "embedding", "norm", "other")
 """The roles a parameter tensor can play. Detectors treat them differently: embedding rows that were
 not looked up are not dead units, and normalisation scales are not compared across depth."""
@@ -234,6 +238,11 @@ class StepStats:
             read off ``grad_norm`` (cheap); defaults to ``~isfinite(grad_norm)``.
         zero_fraction: Fraction of units (output rows or channels) whose gradient is exactly zero.
             NaN where not measured. Defaults to NaN.
+        dead_fraction: Fraction of units whose gradient was exactly zero on each of the last
+            :data:`UNIT_STREAK` measured steps that had any non-zero gradient, for adapters that
+            follow units one by one (the same units every step: with batches of a sample or two,
+            half of a ReLU layer's units are off on any one batch, a different half each time).
+            NaN where not followed. Defaults to NaN.
         has_grad: False for tensors with no gradient this step (frozen or unused: None in PyTorch,
             missing in Keras). Their other entries are ignored. Defaults to all True.
         update_norm: L2 norm of the update applied to each tensor, when the adapter knows it.
@@ -262,6 +271,7 @@ class StepStats:
     param_norm: np.ndarray = field(default=None)  # type: ignore[arg-type]
     nonfinite: np.ndarray = field(default=None)  # type: ignore[arg-type]
     zero_fraction: np.ndarray = field(default=None)  # type: ignore[arg-type]
+    dead_fraction: np.ndarray = field(default=None)  # type: ignore[arg-type]
     has_grad: np.ndarray = field(default=None)  # type: ignore[arg-type]
     update_norm: np.ndarray = field(default=None)  # type: ignore[arg-type]
     loss: float | None = None
@@ -275,6 +285,7 @@ class StepStats:
         self.params_measured = self.param_norm is not None
         self.param_norm = _vector(self.param_norm, n, np.float64, np.nan, "param_norm")
         self.zero_fraction = _vector(self.zero_fraction, n, np.float64, np.nan, "zero_fraction")
+        self.dead_fraction = _vector(self.dead_fraction, n, np.float64, np.nan, "dead_fraction")
         self.update_norm = _vector(self.update_norm, n, np.float64, np.nan, "update_norm")
         if self.has_grad is None:
             self.has_grad = np.ones(n, dtype=bool)
@@ -327,6 +338,7 @@ class StepStats:
             "param_norm": self.param_norm.tolist(),
             "nonfinite": self.nonfinite.tolist(),
             "zero_fraction": self.zero_fraction.tolist(),
+            "dead_fraction": self.dead_fraction.tolist(),
             "has_grad": self.has_grad.tolist(),
             "update_norm": self.update_norm.tolist(),
             "loss": self.loss,

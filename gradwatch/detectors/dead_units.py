@@ -9,8 +9,15 @@ Left out on purpose: embedding tables (rows not looked up get zero gradient by d
 with no gradient at all (frozen or unused: None in PyTorch, missing in Keras), normalisation
 parameters, and the output layer (its rows are outputs: an exactly-zero row is an output the batch
 already fits, not a dead unit). A step whose whole gradient is exactly zero is not judged either: a
-run that fits its batch to zero loss has converged, it has not died. Adapters report the per-step
-zero fraction in ``StepStats.zero_fraction``; NaN means not measured.
+run that fits its batch to zero loss has converged, it has not died.
+
+Adapters that follow units one by one (PyTorch) report ``StepStats.dead_fraction``: the share of
+units whose gradient was zero on each of the last :data:`~gradwatch.stats.UNIT_STREAK` measured
+steps, the same units every time. Where it is known the rule reads it (on the last
+``window - UNIT_STREAK + 1`` steps); elsewhere it falls back on the per-step share of zero units
+(``StepStats.zero_fraction``) on every step of the window, which cannot tell dead units from
+units that are merely off for this batch: with a batch of a sample or two, half of a healthy ReLU
+layer is off on any one batch. NaN means not measured.
 
 Severity follows harm: ``error`` when a layer passes almost nothing (``error_threshold``);
 ``warning`` when most of it is gone (``warn_threshold``), or when the loss is not clearly below
@@ -29,9 +36,9 @@ from typing import NamedTuple
 
 import numpy as np
 
-from gradwatch.detectors.base import Detector, check_positive, push
+from gradwatch.detectors.base import Detector, check_positive, ordered, push
 from gradwatch.findings import Finding
-from gradwatch.stats import Layout, StepStats
+from gradwatch.stats import UNIT_STREAK, Layout, StepStats
 
 JUDGED_ROLES = ("weight", "bias")
 
@@ -48,6 +55,8 @@ class DeadUnitsState(NamedTuple):
     """Median of the run's first ``window`` losses (NaN until known)."""
     seen: int = 0
     """Measured steps seen."""
+    followed: np.ndarray = np.zeros(0, dtype=bool)
+    """Per layer, True when the last step's value was a followed-units ``dead_fraction``."""
 
 
 def dead_units(*, threshold: float = 0.5, window: int = 10, error_threshold: float = 0.95,
@@ -94,22 +103,25 @@ def dead_units(*, threshold: float = 0.5, window: int = 10, error_threshold: flo
         judged = layout.layers_with(JUDGED_ROLES)
         output = layout.layers_with(("weight",))[-1:] if len(layout.layers_with(("weight",))) > 1 else ()
         layers = tuple(names[i] for i in judged if i not in set(np.asarray(output).tolist()))
-        return DeadUnitsState(layers, np.full((window, len(layers)), np.nan), 0, 0, np.full(window, np.nan))
+        return DeadUnitsState(layers, np.full((window, len(layers)), np.nan), 0, 0, np.full(window, np.nan),
+                              followed=np.zeros(len(layers), dtype=bool))
 
     def update(stats: StepStats, state: DeadUnitsState) -> tuple[list[Finding], DeadUnitsState]:
         if not state.layers:
             return [], state
         layout = stats.layout
         names = layout.layer_names()
+        followed = state.followed
         if stats.finite and stats.global_norm == 0.0:
             row = np.full(len(state.layers), np.nan)  # converged on this batch: nothing to judge
         else:
-            judged = stats.has_grad & layout.role_mask(JUDGED_ROLES) & np.isfinite(stats.zero_fraction)
-            values = np.where(judged, stats.zero_fraction, -1.0)
-            per_layer = np.where(layout.membership, values[None, :], -1.0).max(1)
             position = {name: i for i, name in enumerate(names)}
-            row = per_layer[[position[name] for name in state.layers]]
-            row = np.where(row < 0, np.nan, row)
+            at = [position[name] for name in state.layers]
+            judged = stats.has_grad & layout.role_mask(JUDGED_ROLES)
+            row = _per_layer(layout, stats.zero_fraction, judged)[at]
+            dead = _per_layer(layout, stats.dead_fraction, judged)[at]
+            followed = np.isfinite(dead)
+            row = np.where(followed, dead, row)
         fractions, cursor = push(state.fractions, state.cursor, row)
         loss = stats.loss if stats.loss is not None else np.nan
         losses, _ = push(state.losses, state.cursor, loss)
@@ -117,11 +129,12 @@ def dead_units(*, threshold: float = 0.5, window: int = 10, error_threshold: flo
         start = state.start_loss
         if np.isnan(start) and state.filled + 1 >= window and np.isfinite(losses).all():
             start = float(np.median(losses))
-        new_state = DeadUnitsState(state.layers, fractions, cursor, filled, losses, start, state.seen + 1)
-        if filled < window:
-            return [], new_state
-        history = fractions  # full ring: its minimum does not depend on the order
-        lowest = history.min(0)  # NaN where any step of the window was not measured
+        new_state = DeadUnitsState(state.layers, fractions, cursor, filled, losses, start, state.seen + 1, followed)
+        # Followed units carry their own streak of UNIT_STREAK steps: the window's remainder.
+        span = np.where(followed, max(1, window - UNIT_STREAK + 1), window)
+        history = ordered(fractions, cursor, filled)
+        lowest = np.array([history[-k:, j].min() if filled >= k else np.nan for j, k in enumerate(span)])
+        lowest = np.where(np.isnan(lowest), -1.0, lowest)  # NaN where a step of the span was not measured
         hit = lowest >= threshold
         if not hit.any():
             return [], new_state
@@ -160,6 +173,14 @@ def dead_units(*, threshold: float = 0.5, window: int = 10, error_threshold: flo
         return [finding], new_state
 
     return Detector("dead_units", init, update)
+
+
+def _per_layer(layout: Layout, values: np.ndarray, judged: np.ndarray) -> np.ndarray:
+    """Per layer of ``layout``, the largest of ``values`` over its judged tensors; NaN where none
+    is judged or measured."""
+    ok = judged & np.isfinite(values)
+    per_layer = np.where(layout.membership & ok[None, :], values[None, :], -1.0).max(1)
+    return np.where(per_layer < 0, np.nan, per_layer)
 
 
 def _progress(losses: np.ndarray, start: float) -> float:

@@ -19,18 +19,27 @@ Rules, each a finding of kind ``exploding`` whose evidence names the ``rule``:
 3. **An explosion that ends in NaN** (``error``): the first non-finite step after finite norms
    that grew ``nan_growth`` times over the recent steps, or after a gradient larger than the
    weights themselves. The NaN is the symptom (``nonfinite`` reports it); this is the cause.
-4. **The loss runs away** (``warning``, ``error`` past ``10 * loss_rise``): the median of the last
-   seven losses is ``loss_rise`` times the median of the first seven. Training lowers the loss: a
+4. **The loss runs away** (``warning``, ``error`` past ``10 * loss_rise``): each of the last seven
+   losses is ``loss_rise`` times the median of the first seven, and their median is above every
+   one of the first seven (batches of a sample or two swing that far on their own, but not all seven
+   in a row, since a batch the model fits scores near 0). Training lowers the loss: a
    run whose loss climbs far above where it started is broken whatever its gradients look like.
    And (``error``, advice only: no automatic remedy) when the adapter knows the loss function's
    chance level (``StepStats.chance_loss``, ``ln C`` for a C-class cross-entropy), a loss
-   ``chance_ratio`` times that level from the first steps on: the outputs are far too large (the
-   weights ×30 at init, an exploding recurrence) — a run broken from step 0.
+   ``chance_ratio`` times that level on the first steps: the outputs are far too large (the
+   weights ×30 at init, an exploding recurrence) — a run broken from step 0. A standard init
+   (Glorot, He, LeCun) gives logits of unit scale and a first loss near ``ln C``; four times
+   ``ln C`` takes logits spread by about 3 (10 classes) to 5 (two classes).
 5. **Updates as large as the weights** (``warning``): between two steps whose parameter norms were
    measured, the norm of all weight tensors together changed by more than ``max_update`` of
    itself while the loss rose by half or more: the learning rate is too high (Adam at 1.0 kills
-   the units this way at once). A first large update that the loss takes well is how a small
-   convex model starts under Adagrad or Adam. With an adapter that measures the update itself
+   the units this way at once: the loss goes up a thousandfold). It takes one such update where
+   the loss rises ``BLOWUP`` times or more, otherwise two in a row: Adagrad's and Adam's first
+   update moves every weight by about the learning rate whatever its gradient (Adagrad at lr 0.6
+   changes a GRU's weights' norm by five times itself), their later steps shrink relative to the
+   weights that update has grown, and a run that takes it with a loss a few times higher
+   recovers; a step size that is really too large makes the next update large too. A first large
+   update that the loss takes well is how a small convex model starts under Adagrad or Adam. With an adapter that measures the update itself
    (``StepStats.update_norm``), any weight tensor whose update exceeds ``max_update`` times its norm.
 
 Learning-rate warm-up moves the norm by small factors over many steps; the EMA follows it.
@@ -65,6 +74,9 @@ say) do not move it."""
 SANE_UPDATE = 0.01
 """A healthy step changes the weights by about this share of them (1e-3 to 1e-2 is the usual
 range); an update ``change`` times the weights suggests an LR ``SANE_UPDATE / change`` times lower."""
+BLOWUP = 10.0
+"""A loss this many times the one before, after an update as large as the weights: far too high
+an LR on one update (rule 5)."""
 EARLY_STEPS = 5
 EARLY_LOSSES = 3
 """The losses on which the init is judged against the chance level."""
@@ -109,6 +121,9 @@ class ExplodingState(NamedTuple):
     """The loss of that step."""
     last_ratio: float = math.nan
     """The last finite step's global gradient norm over its weights' norm (rule 3, step 0)."""
+    big_update: bool = False
+    """The last update changed the weights' norm by more than ``max_update`` with the loss rising
+    (rule 5: a moderate one must happen twice in a row)."""
 
 
 def exploding(
@@ -124,7 +139,7 @@ def exploding(
     nan_growth: float = 10.0,
     start_factor: float = 10.0,
     loss_rise: float = 3.0,
-    chance_ratio: float = 10.0,
+    chance_ratio: float = 4.0,
     max_update: float = 1.0,
     clip_z: float = 2.0,
 ) -> Detector:
@@ -351,10 +366,12 @@ def _judge_loss(stats: StepStats, state: ExplodingState, findings: list[Finding]
             evidence={"rule": "loss_over_chance", "loss": level, "chance_loss": chance,
                       "clip_threshold": math.inf, "remedy": "report"},
         ))
-    elif (len(losses) == LOSS_WINDOW and math.isfinite(start) and start > 0 and level > loss_rise * start
+    elif (len(losses) == LOSS_WINDOW and math.isfinite(start) and start > 0 and min(losses) > loss_rise * start
           and level > first_max):
-        # Above every one of the first losses too: a noisy tiny-batch loss that wanders up from
-        # its floor, still below where training began, is not a divergence.
+        # Every one of the last losses above the rise, and their median above every one of the
+        # first losses: the loss of a batch of one or two samples swings by orders of magnitude
+        # (and down to nearly 0 on a batch it fits), so a median that wanders up is noise; a
+        # divergence lifts every batch's loss.
         findings.append(Finding(
             kind="exploding",
             severity="error" if level > 10 * loss_rise * start else "warning",
@@ -391,7 +408,9 @@ def _judge_weights(stats: StepStats, state: ExplodingState, findings: list[Findi
     if consecutive and math.isfinite(previous) and previous > 0:
         change = abs(weights - previous) / previous
         rose = (loss >= 1.5 * state.last_loss) if math.isfinite(loss) and math.isfinite(state.last_loss) else None
-        if change > max_update and (rose or (rose is None and change > 3 * max_update)):
+        big = change > max_update and (rose or (rose is None and change > 3 * max_update))
+        blowup = math.isfinite(loss) and math.isfinite(state.last_loss) and loss >= BLOWUP * state.last_loss
+        if big and (blowup or state.big_update):
             findings.append(Finding(
                 kind="exploding",
                 severity="warning",
@@ -399,14 +418,17 @@ def _judge_weights(stats: StepStats, state: ExplodingState, findings: list[Findi
                 layers=(),
                 message=(
                     f"One update changed the weights' norm by {change:.0%} ({previous:.3g} -> {weights:.3g}) "
-                    "and the loss rose: the learning rate is far too high for this model."
+                    f"and the loss rose{'' if blowup else ', after a large update the step before'}: "
+                    "the learning rate is far too high for this model."
                 ),
                 evidence={"rule": "update_ratio", "weight_norm": weights, "previous_weight_norm": previous,
                           "change": change, "clip_threshold": math.inf, "remedy": "lr",
                           # what brings the update back to ~1% of the weights (a healthy step)
                           "lr_factor_hint": SANE_UPDATE / change},
             ))
-    return state._replace(weight_norm=weights, weight_step=stats.step, last_loss=loss)
+    else:
+        big = False
+    return state._replace(weight_norm=weights, weight_step=stats.step, last_loss=loss, big_update=bool(big))
 
 
 def _update_ratio_rule(stats: StepStats, findings: list[Finding], max_update: float, clip_level: float) -> None:

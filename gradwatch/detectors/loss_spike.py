@@ -16,7 +16,10 @@ to a fixed number, and asks three things of a spike, after ``warmup`` losses:
 
 Severity follows harm: a spike the run shrugs off is ``info`` (with batches of a few samples a
 confidently wrong one scores far above the rest); one ``warn_ratio`` times the largest recent loss
-or more (corrupt data, a broken batch) is a ``warning``. What a spike does to training shows in the
+or more that also tops every one of the run's first ``warmup`` losses (corrupt data, a broken
+batch: worse than the untrained model did on any batch) is a ``warning``. Below that, a spike of a
+run near its floor is what one misfit sample does to a batch: a single confidently wrong example
+lifts a batch of 64 at 0.001 to 0.06, and a batch of two to well above the median start. What a spike does to training shows in the
 gradients (``exploding``), which is where the remedies come from. Spikes are kept out of the
 window, so one outlier does not hide the next.
 Non-finite losses are the ``nonfinite`` detector's business.
@@ -49,6 +52,8 @@ class LossSpikeState(NamedTuple):
     cursor: int
     start: float
     """The median of the first ``warmup`` losses: the scale the run started from."""
+    first_max: float = math.nan
+    """The largest of the first ``warmup`` losses."""
 
 
 def loss_spike(
@@ -72,8 +77,9 @@ def loss_spike(
         max_ratio: ... and be this many times the largest recent loss. Defaults to 2.0.
         min_share: ... and jump by at least this share of the run's starting loss.
             Defaults to 0.01.
-        warn_ratio: A spike this many times the largest recent loss is a ``warning``; smaller ones
-            are ``info``. Defaults to 10.0.
+        warn_ratio: A spike this many times the largest recent loss, and above the run's first
+            losses (every one of the first ``warmup``), is a ``warning``; other spikes are ``info``.
+            Defaults to 10.0.
 
     Returns:
         The detector.
@@ -126,7 +132,7 @@ def loss_spike(
             if spike:
                 findings.append(Finding(
                     kind="loss_spike",
-                    severity="warning" if loss >= warn_ratio * largest else "info",
+                    severity="warning" if loss >= warn_ratio * largest and loss > state.first_max else "info",
                     step=stats.step,
                     layers=(),
                     message=(
@@ -140,9 +146,10 @@ def loss_spike(
         if spike:
             return findings, state._replace(seen=state.seen + 1)
         recent_ring, cursor = push(state.recent, state.cursor, loss)
-        start = state.start
+        start, first_max = state.start, state.first_max
         if state.seen < warmup:  # the scale the run starts from: the median of its first losses
             start = median(recent_ring[np.isfinite(recent_ring)])
-        return findings, LossSpikeState(state.seen + 1, recent_ring, cursor, float(start))
+            first_max = loss if math.isnan(first_max) else max(first_max, loss)
+        return findings, LossSpikeState(state.seen + 1, recent_ring, cursor, float(start), float(first_max))
 
     return Detector("loss_spike", init, update)

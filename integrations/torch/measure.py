@@ -8,6 +8,12 @@
   L0 "norm" (number of non-zeros) of the row norms (one more ``_foreach_norm``, on a few KB). One
   read of the gradient gives both: counting zero rows tensor by tensor with ``(g == 0).all(1)``
   costs about 10x more.
+* dead units, followed one by one: every unit's count of measured steps in a row with an exactly
+  zero row norm lives on the device (one int32 per unit, reset where the row is non-zero, left as
+  it is on a step whose gradient is zero everywhere: a converged batch). The units whose count
+  reaches :data:`gradwatch.stats.UNIT_STREAK` are counted per tensor, a handful of element-wise
+  ops on all the row norms at once (``StepStats.dead_fraction``): with batches of a sample or two
+  the per-step share of zero rows is high in a healthy ReLU layer, but not for the same units.
 * other dense tensors (biases, normalisation scales, embeddings): one ``torch._foreach_norm``.
 * sparse gradients (``nn.Embedding(sparse=True)``): coalesced, the norm of the values.
 * fp16/bf16 gradients and parameters: norms accumulated in float32.
@@ -33,7 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from gradwatch.stats import StepStats
+from gradwatch.stats import UNIT_STREAK, StepStats
 
 from .layout import TorchParams
 
@@ -159,7 +165,17 @@ class _Plan:
             vec_grad += members
             vec_grad_pos += range(pos, pos + len(members))
             pos += len(members)
+        # Dead-unit counts, one per row tensor (singles, then the groups' members), after the
+        # groups' vectors; the per-unit streaks they come from follow the same order.
+        unit_tensors = self.row_single + [i for members in self.row_groups for i in members]
+        self.dead_at = np.array(unit_tensors, dtype=np.intp)
+        self.dead_pos = np.arange(pos, pos + len(unit_tensors), dtype=np.intp)
+        pos += len(unit_tensors)
         self.n_vector = pos
+        self.streak: torch.Tensor | None = None
+        """Per unit (row), measured steps in a row with an exactly-zero gradient (on the device)."""
+        self.unit_segments: torch.Tensor | None = None
+        """Per unit, the position of its tensor in ``dead_at`` (on the device, built once)."""
         self.vec_grad = np.array(vec_grad, dtype=np.intp)
         self.vec_grad_pos = np.array(vec_grad_pos, dtype=np.intp)
         self.vec_zero = np.array(vec_zero, dtype=np.intp)
@@ -221,6 +237,7 @@ def measure_tensors(
     device = params[present[0]].device if present else params[0].device
     with torch.no_grad():
         scalars: list[torch.Tensor] = []
+        units: list[torch.Tensor] = []  # every row norm, for the dead-unit streaks
         if plan.row_single:
             # One read of each weight gradient: the L2 norm of every output row (unit). The
             # tensor's norm is the norm of its row norms; its dead units are the rows whose norm
@@ -228,6 +245,7 @@ def measure_tensors(
             rows = [_row_norms(grads[i]) for i in plan.row_single]  # type: ignore[arg-type]
             scalars += torch._foreach_norm(rows)
             scalars += torch._foreach_norm(rows, 0)
+            units += rows
             del rows
         if plan.flat_single:
             flat = [grads[i] for i in plan.flat_single]
@@ -252,8 +270,12 @@ def measure_tensors(
         for group, n_rows in zip(plan.row_groups, plan.group_rows):
             row_norms = _stacked_norms([grads[i] for i in group], n_rows)  # type: ignore[misc]
             vectors += [torch.linalg.vector_norm(row_norms, dim=1), torch.linalg.vector_norm(row_norms, 0, dim=1)]
+            units.append(row_norms.reshape(-1))
         for group in plan.flat_groups:
             vectors.append(_stacked_norms([grads[i] for i in group]))  # type: ignore[misc]
+        if units:
+            vectors.append(_dead_units(plan, units, device))
+        del units
         if fresh_params:
             vectors += [_stacked_norms([params[i] for i in group]) for group in plan.param_groups]
         n_tail = len(scalars) - n_fixed
@@ -282,6 +304,8 @@ def measure_tensors(
     elif isinstance(param_norms, np.ndarray):
         param_norm = param_norms
     zero_fraction = 1.0 - nonzero_rows / plan.rows  # NaN where rows are not counted
+    dead_fraction = np.full(n, np.nan)
+    dead_fraction[plan.dead_at] = vec[plan.dead_pos] / plan.rows[plan.dead_at]
     loss_value: float | None = None
     if tensor_loss:
         loss_value = values.pop(0)
@@ -316,11 +340,29 @@ def measure_tensors(
         param_norm=param_norm,
         nonfinite=nonfinite,
         zero_fraction=zero_fraction,
+        dead_fraction=dead_fraction,
         has_grad=plan.has_grad.copy(),
         loss=loss_value,
         lr=lr,
     )
     return stats, tail_values
+
+
+def _dead_units(plan: _Plan, units: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """Advance every unit's zero-gradient streak by this step's row norms (on the device, no sync)
+    and count, per row tensor, the units whose streak reached :data:`UNIT_STREAK`."""
+    rows = torch.cat([_to(u, device) for u in units])
+    if plan.streak is None or plan.streak.shape != rows.shape or plan.streak.device != rows.device:
+        plan.streak = torch.zeros(rows.shape, dtype=torch.int32, device=rows.device)
+        sizes = torch.tensor([int(plan.rows[i]) for i in plan.dead_at], device=rows.device)
+        plan.unit_segments = torch.repeat_interleave(torch.arange(len(plan.dead_at), device=rows.device), sizes)
+    # A step with no gradient anywhere in these tensors (a batch fitted to zero loss) says nothing
+    # about units: the streaks stay as they are (so does a non-finite step: its sum is NaN).
+    live = rows.sum() > 0
+    plan.streak = torch.where(live, torch.where(rows == 0, plan.streak + 1, 0), plan.streak)
+    dead = (plan.streak >= UNIT_STREAK).float()
+    counts = torch.zeros(len(plan.dead_at), device=rows.device)
+    return counts.index_add_(0, plan.unit_segments, dead)  # type: ignore[arg-type]
 
 
 def _count_nonfinite(

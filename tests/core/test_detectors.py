@@ -168,3 +168,81 @@ def test_exploding_catches_a_slow_divergence():
     assert growth and growth[0].severity == "error" and growth[0].step <= 20 and growth[0].evidence["window"] == 20
     # The loss, which the stream makes grow with the norm, says it earlier (3x its start).
     assert found[0].evidence["rule"] == "loss_rise" and found[0].step < growth[0].step
+
+
+# -- what a small batch, an adaptive optimizer's first step and a fitted run look like -------------
+
+
+def _stats(step, layout, *, loss=None, weights=None, zero=None, dead=None):
+    from gradwatch import StepStats
+
+    n = len(layout)
+    param = None if weights is None else np.full(n, weights / np.sqrt(n))
+    return StepStats(step=step, layout=layout, grad_norm=np.full(n, 0.1), param_norm=param, loss=loss,
+                     zero_fraction=None if zero is None else np.full(n, zero),
+                     dead_fraction=None if dead is None else np.full(n, dead))
+
+
+def _feed(detector, layout, rows):
+    state = detector.init(layout)
+    found = []
+    for step, row in enumerate(rows):
+        new, state = detector.update(_stats(step, layout, **row), state)
+        found += new
+    return found
+
+
+@pytest.mark.parametrize(("norms", "losses", "expected"), [
+    # Adagrad/Adam's first update moves every weight by ~lr: +150 %, then relatively less.
+    ([1.0, 2.5, 2.6, 2.7], [1.0, 2.0, 1.6, 1.2], []),
+    # A step size that is really too large makes the next update larger still.
+    ([1.0, 2.5, 6.5, 20.0], [1.0, 2.0, 4.0, 9.0], [2, 3]),
+    # Adagrad at lr 0.6 on a GRU: five times the weights, the loss x2.4, then it recovers.
+    ([1.0, 5.9, 6.0, 6.1], [2.3, 5.5, 4.0, 3.0], []),
+    # Ten times the weights in one update and the loss x900 (Adam at lr 1.0): at once.
+    ([1.0, 12.0, 14.0], [2.3, 2100.0, 3500.0], [1]),
+    # A large first update that the loss takes well is how a small convex model starts.
+    ([1.0, 2.5, 6.5], [1.0, 0.5, 0.3], []),
+])
+def test_exploding_updates_as_large_as_the_weights(norms, losses, expected):
+    layout = testing.make_layout(2)
+    found = _feed(detectors.exploding(), layout, [{"weights": w, "loss": loss} for w, loss in zip(norms, losses)])
+    assert [f.step for f in found if f.evidence["rule"] == "update_ratio"] == expected
+
+
+def test_exploding_loss_rise_needs_every_recent_batch_above_it():
+    """Batches of one or two samples: the median of seven losses wanders 5x up while a batch the
+    model fits still scores near 0. A divergence lifts every batch."""
+    layout = testing.make_layout(2)
+    noisy = [1.0] * 7 + [5.0, 5.0, 0.05, 5.0, 5.0, 5.0, 0.02] * 4
+    rule = [f for f in _feed(detectors.exploding(), layout, [{"loss": x} for x in noisy]) if f.evidence["rule"] == "loss_rise"]
+    assert rule == []
+    rising = [1.0] * 7 + [5.0] * 7
+    rule = [f for f in _feed(detectors.exploding(), layout, [{"loss": x} for x in rising]) if f.evidence["rule"] == "loss_rise"]
+    assert [f.step for f in rule] == [13]
+
+
+@pytest.mark.parametrize(("spike", "severity"), [(0.5, "info"), (3.0, "warning")])
+def test_loss_spike_warns_only_above_the_run_s_first_losses(spike, severity):
+    """A fitted run (loss 0.01) whose batch holds one confidently wrong sample scores far above its
+    recent losses but below where training started: info. Worse than the untrained model: warning."""
+    layout = testing.make_layout(2)
+    rng = np.random.default_rng(0)
+    losses = list(1.0 + 0.1 * rng.random(20)) + list(0.01 * (1 + 0.1 * rng.random(50))) + [spike]
+    found = _feed(detectors.loss_spike(), layout, [{"loss": x} for x in losses])
+    assert [(f.step, f.severity) for f in found] == [(70, severity)]
+
+
+def test_dead_units_followed_one_by_one_are_judged_on_the_same_units():
+    """With a batch of one sample, 60 % of a ReLU layer is off on every batch (zero_fraction), but no
+    unit stays off step after step (dead_fraction 0): not dead. Where the adapter follows units, a
+    layer whose units stay dead is found as soon as their streak says so."""
+    layout = testing.make_layout(3)
+    alive = _feed(detectors.dead_units(), layout, [{"zero": 0.6, "dead": 0.0, "loss": 1.0}] * 40)
+    assert alive == []
+    shares_only = _feed(detectors.dead_units(), layout, [{"zero": 0.6, "loss": 1.0}] * 40)
+    assert shares_only and shares_only[0].kind == "dead_units"  # what per-step shares alone cannot tell
+    dead = _feed(detectors.dead_units(), layout, [{"zero": 0.8, "dead": 0.0, "loss": 1.0}] * 5
+                 + [{"zero": 0.8, "dead": 0.8, "loss": 1.0}] * 30)
+    assert dead and dead[0].step == 5 and dead[0].severity == "warning"  # the streak covers the window
+    assert set(dead[0].layers) == {"fc0", "fc1"}

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import math
 
+import numpy as np
 import pytest
 
 pytest.importorskip("torch")
@@ -127,6 +128,36 @@ def test_batches_of_two_are_noisy_not_spiking():
     _, report = fit(model, torch.optim.SGD(model.parameters(), lr=0.01), train, epochs=1, batch_size=2, watch={})
     assert report is not None and not alarms(report), alarms(report)
     assert accuracy(model, test) > 0.8
+
+
+def test_with_batches_of_one_sample_half_the_relus_are_off_but_none_is_dead():
+    """Per batch of one sample, most of a narrow ReLU layer is off (a per-step share of zero rows
+    says "dead" on step after step); followed unit by unit, no unit stays off."""
+    train, test = digits()
+    subset = TensorDataset(*(t[:400] for t in train.tensors))
+    model = mlp(width=32, depth=2)
+    shares: list[float] = []
+    hook = model[3].register_forward_hook(lambda m, i, out: shares.append(float((out == 0).float().mean())))
+    _, report = fit(model, torch.optim.SGD(model.parameters(), lr=0.02), subset, epochs=1, batch_size=1,
+                    watch={"policy": "observe"})
+    hook.remove()
+    assert report is not None
+    assert np.mean(np.array(shares) >= 0.5) > 0.5  # the per-batch picture
+    assert not [f for f in report.findings if f.kind == "dead_units"], report.summary()
+    assert accuracy(model, test) > 0.5
+
+
+def test_dying_relus_are_found_with_batches_of_two():
+    train, _ = digits()
+    model = mlp(width=64)
+    with torch.no_grad():  # 80% of the first layer's units can never fire
+        model[0].bias[:51] = -50.0
+    _, report = fit(model, torch.optim.SGD(model.parameters(), lr=0.01), train, epochs=1, batch_size=2,
+                    watch={"policy": "observe"})
+    assert report is not None
+    dead = [f for f in report.findings if f.kind == "dead_units" and f.severity != "info"]
+    assert dead and dead[0].layers == ("0",) and dead[0].step <= 15
+    assert 0.75 <= dead[0].evidence["dead_fraction"]["0"] <= 0.85
 
 
 def test_many_inactive_relus_in_a_model_that_learns_is_info_and_does_not_fail_a_check():
