@@ -66,7 +66,7 @@ class GradWatch(keras.callbacks.Callback):
         history: Steps of per-layer history kept for the report. Defaults to 256.
         detectors: The detectors to run. Defaults to the built-ins plus those of plugins.
         rollback_every: Keep a host copy of the weights, the optimizer's slots and
-            BatchNormalization's moving statistics, taken on the first healthy measured step and
+            BatchNormalization's moving statistics, taken before the fit's first step and
             after N healthy measured steps in a row, that ``auto`` restores when the weights turn
             non-finite, an LR jump wrecked them or the step size runs away (a newer copy replaces
             it once the next measured step, run on the copied weights, is read healthy: two host
@@ -212,6 +212,8 @@ class GradWatch(keras.callbacks.Callback):
         while self._decisions and self._decisions[0][0] <= decided_by:
             controls = self._decisions.popleft()[1]
         try:
+            if started == self._fit_batches0 and self._rollbacks.active:
+                self._keep_initial_copy(started)
             done = self._rollbacks.at_boundary(
                 started, decided_by, lambda n: self._keep_up(started, probe, n)
             )
@@ -223,6 +225,19 @@ class GradWatch(keras.callbacks.Callback):
                 self._written = controls
         except Exception as exc:
             self.failsafe.fail(exc)
+
+    def _keep_initial_copy(self, started: int) -> None:
+        """The first snapshot of the fit, before its first step. The optimizer's slots are part
+        of it: an optimizer Keras would build in the first traced step (TensorFlow) is built now,
+        as ``fit`` builds it under a distribution strategy."""
+        model = self._model
+        optimizer = model.optimizer
+        if not optimizer.built:
+            if not model.built or not model.trainable_variables:
+                return  # a model built by its first step: the first copy comes after it
+            with keras.name_scope(optimizer.name, caller=optimizer):
+                optimizer.build(model.trainable_variables)
+        self._rollbacks.begin(started)
 
     def _keep_up(self, started: int, probe: StepProbe, read_through: int) -> None:
         """Wait for the asynchronous reader: until it has read ``read_through`` batches, and while
@@ -329,6 +344,7 @@ class GradWatch(keras.callbacks.Callback):
             # Keyed by the batch count through this step (not by this call: calls may run out of
             # order), so what it decides takes effect at the same step whatever the timing.
             key = self._fit_batches0 + step + 1 - self._fit_count0
+            self._rollbacks.judge_first(stats.finite and not stats.params_nonfinite.any())
             decision = self._observe(stats, row, probe, can_rollback=self._rollbacks.can_rollback(key - 1))
             newest = stats
             self._rollbacks.record(key, decision.healthy_after(stats), decision.rollback)
@@ -379,6 +395,7 @@ class GradWatch(keras.callbacks.Callback):
             param_norm=blocks["param_norm"].astype(np.float64),
             zero_fraction=blocks["zero_fraction"].astype(np.float64),
             has_grad=blocks["has_grad"] > 0.5,
+            update_norm=blocks["update_norm"].astype(np.float64),
             loss=float(row[COL_LOSS]) if row[COL_HAS_LOSS] > 0.5 else None,
             lr=float(row[COL_LR]),
         )

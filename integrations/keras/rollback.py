@@ -2,8 +2,9 @@
 BatchNormalization's moving statistics, taken and restored between two steps.
 
 The rule is PyTorch's (``integrations/torch/remedies.py``, ``Rollbacks``): one snapshot, taken on
-the first healthy measured step and again after ``rollback_every`` healthy measured steps in a row
-(finite gradients and parameters, no finding of severity warning or error, no action), restored
+the first healthy measured step (in Keras: before the fit's first step, see below) and again after
+``rollback_every`` healthy measured steps in a row (finite gradients and parameters, no finding of
+severity warning or error, no action), restored
 when the monitor's decision says ``rollback``. ``rollback_every="auto"`` keeps snapshots every
 :data:`ROLLBACK_EVERY` steps under a policy that rolls back, while one copy of the weights and of
 an Adam-like optimizer state (counted as three times the weights) fits in
@@ -16,6 +17,12 @@ step ``k + 2`` (with ``steps_per_execution=n``: of the second execution after th
 executions, at a step fixed by the step numbers alone, whatever the timing of Keras's asynchronous
 callbacks, so a run with rollbacks is reproducible:
 
+* the first snapshot of a fit is taken before its first step, of the state the fit starts
+  from (the weights that step's gradient is computed on, as PyTorch's first snapshot is): a run
+  whose step size wrecks it within its first steps, before any measured step could be judged
+  healthy, goes back to where it started. It is dropped when it holds a NaN or an Inf, or when
+  the first measured step's gradients or weights are non-finite (then the first copy is taken as
+  below, once steps read healthy);
 * a snapshot that falls due on step ``s`` is taken at the start of the first execution that the
   decision on ``s`` reaches, once every measured step up to it has been read and found healthy
   too (the copy holds the weights after them); a step that is not healthy drops it;
@@ -168,6 +175,8 @@ class KerasRollbacks:
         self.first_boundary: int | None = None
         """The batch count before which the first snapshot of this fit was taken."""
         self.restored = 0
+        self.unjudged = False
+        """The copy taken by :meth:`begin` waits for :meth:`judge_first`."""
         self._health: deque[tuple[int, bool]] = deque()
         self._restores: deque[int] = deque()
         self._wanted = False
@@ -193,6 +202,43 @@ class KerasRollbacks:
                 self._restores.append(key)
 
     # -- the thread that runs fit --------------------------------------------------------------
+
+    def begin(self, started: int) -> bool:
+        """Copy the training state as the fit starts, before its first step: the first snapshot
+        of the fit (see the module docstring), until :meth:`judge_first` drops it. Kept only when
+        every value in it is finite.
+
+        Args:
+            started: Training batches run so far (the fit's first batch is the next one).
+
+        Returns:
+            True when the copy was kept.
+        """
+        if not self.active or self.snapshot is not None:
+            return False
+        copy = self._make_snapshot()
+        copy.take(started)
+        if not all(np.isfinite(v).all() for v in copy.values if v.dtype.kind in "fc"):
+            copy.clear()
+            return False
+        with self._lock:
+            self.snapshot, self.first_boundary, self.unjudged = copy, int(started), True
+        return True
+
+    def judge_first(self, weights_ok: bool) -> None:
+        """The first measured step of the fit was read (call before the monitor decides on it):
+        the copy taken by :meth:`begin` holds the weights its gradient was computed on. Judged
+        by the gradient alone (finite gradients and weights), not by its findings: what a finding
+        on that step says is wrong (an update too large, a loss far above chance) is not in the
+        copy, which no update has touched. Not ok: the copy is dropped, and the first copy is
+        taken as without it."""
+        if not self.unjudged:
+            return
+        with self._lock:
+            self.unjudged = False
+            if not weights_ok and self.snapshot is not None:
+                self.snapshot.clear()
+                self.first_boundary = None
 
     def at_boundary(self, started: int, decided_by: int, wait_for: Any) -> str | None:
         """Carry out what the records up to ``decided_by`` call for, before batch ``started``.
@@ -271,7 +317,7 @@ class KerasRollbacks:
             if copy is not None:
                 copy.clear()
         self.snapshot = self.pending = self._spare = None
-        self.first_boundary = None
+        self.first_boundary, self.unjudged = None, False
         with self._lock:
             self._health.clear()
             self._restores.clear()

@@ -1,7 +1,7 @@
 """Keras at parity with PyTorch (issue 13), on whichever backend ``KERAS_BACKEND`` selects: the
 batch's own loss in every row (and ``loss_spike`` on it), rollback after an LR jump, gradwatch's
 actions in the logs, a skipped batch kept out of the displayed metrics, and ``observe`` bit for
-bit the unwatched run on a run that diverges."""
+bit the unwatched run on a run that diverges, and the tutorial MLP at SGD(5.0) found and rescued."""
 
 from __future__ import annotations
 
@@ -233,7 +233,49 @@ def test_observe_is_bit_for_bit_the_unwatched_run_on_a_run_that_diverges(jit_com
     assert same(numpy_of(watched.optimizer.variables), numpy_of(plain.optimizer.variables))
 
 
-# -- e. configuration ---------------------------------------------------------------------------
+# -- e. the tutorial MLP at SGD(5.0) ------------------------------------------------------------
+
+
+def digits_mlp_run(lr, policy=None, epochs=3):
+    """The classic tutorial MLP (Dense-BatchNorm twice, a softmax and the loss by its string name)
+    on scikit-learn's digits: 64 features instead of MNIST's 784, batches of 32."""
+    datasets = pytest.importorskip("sklearn.datasets")
+    digits = datasets.load_digits()
+    order = np.random.default_rng(0).permutation(len(digits.target))
+    x, y = (digits.data[order] / 16.0).astype("float32"), digits.target[order].astype("int32")
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([
+        keras.Input((64,)),
+        keras.layers.Dense(128, activation="relu"), keras.layers.BatchNormalization(),
+        keras.layers.Dense(128, activation="relu"), keras.layers.BatchNormalization(),
+        keras.layers.Dense(10, activation="softmax"),
+    ])
+    model.compile(optimizer=keras.optimizers.SGD(lr), loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    callbacks = [GradWatch(policy=policy)] if policy else []
+    history = model.fit(x, y, epochs=epochs, batch_size=32, verbose=0, callbacks=callbacks).history
+    return history["loss"], history["accuracy"], (callbacks[0].report() if callbacks else None)
+
+
+def test_the_tutorial_mlp_at_sgd_5_is_found_and_rescued():
+    # Issue 13: unwatched, the first two updates at LR 5 make each weight matrix 2-3x larger;
+    # on TensorFlow the loss then runs to NaN, on PyTorch and JAX (whose cross-entropy of clipped
+    # probabilities has no gradient once the softmax saturates) it stays far above chance.
+    _, sane_accuracy, _ = digits_mlp_run(0.05)
+    broken_loss, broken_accuracy, observed = digits_mlp_run(5.0, "observe")
+    assert not (math.isfinite(broken_loss[-1]) and broken_accuracy[-1] >= 0.8 * sane_accuracy[-1])
+    loss, accuracy, report = digits_mlp_run(5.0, "auto")
+    for watched in (observed, report):
+        assert not watched.healthy, watched.summary()
+        first = next(f for f in watched.findings if f.severity in ("warning", "error"))
+        assert first.kind == "exploding" and first.step <= 2, watched.summary()
+    # found on the first update, which is as large as the weights; the LR cut and the snapshot
+    # taken before the first step restored: the run trains as one started at a sane LR
+    assert {"lr_decay", "rollback"} <= set(report.action_counts), report.summary()
+    assert all(math.isfinite(v) for v in loss) and loss[-1] < loss[0], loss
+    assert accuracy[-1] >= 0.8 * sane_accuracy[-1], (accuracy, sane_accuracy)
+
+
+# -- f. configuration ---------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("rollback_every", [7, None, "auto"])
