@@ -38,7 +38,9 @@ Rules, each a finding of kind ``exploding`` whose evidence names the ``rule``:
    update moves every weight by about the learning rate whatever its gradient (Adagrad at lr 0.6
    changes a GRU's weights' norm by five times itself), their later steps shrink relative to the
    weights that update has grown, and a run that takes it with a loss a few times higher
-   recovers; a step size that is really too large makes the next update large too. A first large
+   recovers; a step size that is really too large makes the next update large too, or leaves the
+   loss at ``RECOVER`` times its level before the update for ``RECOVERY_STEPS`` steps (the
+   tutorial MLP at SGD 5 with a saturated softmax, whose gradients then go quiet). A first large
    update that the loss takes well is how a small convex model starts under Adagrad or Adam. With an adapter that measures the update itself
    (``StepStats.update_norm``), any weight tensor whose update exceeds ``max_update`` times its norm.
 
@@ -77,6 +79,10 @@ range); an update ``change`` times the weights suggests an LR ``SANE_UPDATE / ch
 BLOWUP = 10.0
 """A loss this many times the one before, after an update as large as the weights: far too high
 an LR on one update (rule 5)."""
+RECOVER = 2.0
+RECOVERY_STEPS = 3
+"""After an update as large as the weights, a loss still ``RECOVER`` times its level before it
+this many steps on: the run did not take the update (rule 5)."""
 EARLY_STEPS = 5
 EARLY_LOSSES = 3
 """The losses on which the init is judged against the chance level."""
@@ -123,7 +129,13 @@ class ExplodingState(NamedTuple):
     """The last finite step's global gradient norm over its weights' norm (rule 3, step 0)."""
     big_update: bool = False
     """The last update changed the weights' norm by more than ``max_update`` with the loss rising
-    (rule 5: a moderate one must happen twice in a row)."""
+    (rule 5: one must happen twice in a row, or the loss must blow up or stay up)."""
+    big_step: int = -1
+    """The step of a large update not judged yet (rule 5 waits for the loss to recover); -1: none."""
+    big_loss: float = math.nan
+    """The loss before that update."""
+    big_change: float = math.nan
+    """The change of the weights' norm it made, as a share of it."""
 
 
 def exploding(
@@ -400,10 +412,19 @@ def _weights_norm(stats: StepStats) -> float:
 
 
 def _judge_weights(stats: StepStats, state: ExplodingState, findings: list[Finding], max_update: float) -> ExplodingState:
+    loss = stats.loss if stats.loss is not None and math.isfinite(stats.loss) else math.nan
+    if state.big_step >= 0 and math.isfinite(loss) and stats.step > state.big_step:
+        if loss < RECOVER * state.big_loss:
+            state = state._replace(big_step=-1)  # the run took it: how Adagrad or Adam starts
+        elif stats.step - state.big_step >= RECOVERY_STEPS:
+            findings.append(_big_update_finding(
+                stats, state.big_change, math.nan, math.nan,
+                f", and {stats.step - state.big_step} steps later the loss ({loss:.4g}) is still "
+                f"{loss / state.big_loss:.3g}x what it was before it"))
+            state = state._replace(big_step=-1)
     weights = _weights_norm(stats)
     if not math.isfinite(weights):
         return state
-    loss = stats.loss if stats.loss is not None and math.isfinite(stats.loss) else math.nan
     previous, consecutive = state.weight_norm, state.weight_step == stats.step - 1
     if consecutive and math.isfinite(previous) and previous > 0:
         change = abs(weights - previous) / previous
@@ -411,24 +432,32 @@ def _judge_weights(stats: StepStats, state: ExplodingState, findings: list[Findi
         big = change > max_update and (rose or (rose is None and change > 3 * max_update))
         blowup = math.isfinite(loss) and math.isfinite(state.last_loss) and loss >= BLOWUP * state.last_loss
         if big and (blowup or state.big_update):
-            findings.append(Finding(
-                kind="exploding",
-                severity="warning",
-                step=stats.step,
-                layers=(),
-                message=(
-                    f"One update changed the weights' norm by {change:.0%} ({previous:.3g} -> {weights:.3g}) "
-                    f"and the loss rose{'' if blowup else ', after a large update the step before'}: "
-                    "the learning rate is far too high for this model."
-                ),
-                evidence={"rule": "update_ratio", "weight_norm": weights, "previous_weight_norm": previous,
-                          "change": change, "clip_threshold": math.inf, "remedy": "lr",
-                          # what brings the update back to ~1% of the weights (a healthy step)
-                          "lr_factor_hint": SANE_UPDATE / change},
-            ))
+            findings.append(_big_update_finding(
+                stats, change, previous, weights, "" if blowup else ", after a large update the step before"))
+            state = state._replace(big_step=-1)
+        elif big and state.big_step < 0 and math.isfinite(state.last_loss):
+            state = state._replace(big_step=stats.step, big_loss=state.last_loss, big_change=change)
     else:
         big = False
     return state._replace(weight_norm=weights, weight_step=stats.step, last_loss=loss, big_update=bool(big))
+
+
+def _big_update_finding(stats: StepStats, change: float, previous: float, weights: float, why: str) -> Finding:
+    norms = f" ({previous:.3g} -> {weights:.3g})" if math.isfinite(previous) else ""
+    return Finding(
+        kind="exploding",
+        severity="warning",
+        step=stats.step,
+        layers=(),
+        message=(
+            f"One update changed the weights' norm by {change:.0%}{norms} and the loss rose{why}: "
+            "the learning rate is far too high for this model."
+        ),
+        evidence={"rule": "update_ratio", "weight_norm": weights, "previous_weight_norm": previous,
+                  "change": change, "clip_threshold": math.inf, "remedy": "lr",
+                  # what brings the update back to ~1% of the weights (a healthy step)
+                  "lr_factor_hint": SANE_UPDATE / change},
+    )
 
 
 def _update_ratio_rule(stats: StepStats, findings: list[Finding], max_update: float, clip_level: float) -> None:

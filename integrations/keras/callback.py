@@ -395,7 +395,6 @@ class GradWatch(keras.callbacks.Callback):
             param_norm=blocks["param_norm"].astype(np.float64),
             zero_fraction=blocks["zero_fraction"].astype(np.float64),
             has_grad=blocks["has_grad"] > 0.5,
-            update_norm=blocks["update_norm"].astype(np.float64),
             loss=float(row[COL_LOSS]) if row[COL_HAS_LOSS] > 0.5 else None,
             lr=float(row[COL_LR]),
         )

@@ -10,8 +10,6 @@ compiled step (``tf.function``, XLA, ``jax.jit``):
 1. reduces the gradients to per-variable norms, reads non-finiteness off those norms (a NaN/Inf
    element makes its tensor's norm non-finite), takes parameter norms and the share of exactly-zero
    bias gradients (a unit whose bias gradient is exactly zero got no signal on the whole batch);
-   and, once the optimizer has run, the norm of each variable's update (its value after the step
-   minus before: what the step size did, whatever the optimizer);
 2. carries out the standing orders of :class:`gradwatch.Controls`, kept in a variable because a
    Python attribute is frozen at trace time: skip a non-finite step (weights, optimizer state and
    ``iterations`` unchanged), clip the global norm, scale the learning rate (the rate itself, not
@@ -43,13 +41,12 @@ from .layout import keras_layout
 from .neutral import optimizer_copies
 
 HEAD = ("step", "global_norm", "lr", "skipped", "clip_scale", "loss", "has_loss", "lr_factor")
-"""The first columns of a row; then ``grad_norm``, ``param_norm``, ``zero_fraction``,
-``has_grad`` and ``update_norm``, one entry per trainable variable each (``update_norm`` is
-written after the optimizer's ``apply``; NaN where not measured). ``loss`` is the batch's own
-loss (not the epoch's running mean), ``has_loss`` 1 when the train step handed one to the loss
-tracker, ``lr_factor`` the learning-rate factor the step ran with (``lr`` includes it)."""
+"""The first columns of a row; then ``grad_norm``, ``param_norm``, ``zero_fraction`` and
+``has_grad``, one entry per trainable variable each. ``loss`` is the batch's own loss (not the
+epoch's running mean), ``has_loss`` 1 when the train step handed one to the loss tracker,
+``lr_factor`` the learning-rate factor the step ran with (``lr`` includes it)."""
 COL_STEP, COL_GLOBAL, COL_LR, COL_SKIPPED, COL_SCALE, COL_LOSS, COL_HAS_LOSS, COL_LR_FACTOR = range(len(HEAD))
-BLOCKS = ("grad_norm", "param_norm", "zero_fraction", "has_grad", "update_norm")
+BLOCKS = ("grad_norm", "param_norm", "zero_fraction", "has_grad")
 
 
 def base_optimizer(optimizer: Any) -> Any:
@@ -245,54 +242,9 @@ class StepProbe(ProbeReader):
                 raise
             self.error = exc
             return original(grads, trainable_variables)
-        before = self._before_update(replicas)
         if not self.remedies:
-            out = original(self._handover(grads, replicas), trainable_variables)
-        else:
-            out = self._steer(plan, trainable_variables)
-        if before is not None:
-            try:
-                self._measure_update(plan, before)
-            except Exception as exc:  # the step has run: only its update goes unmeasured
-                if self.strict:
-                    raise
-                self.error = exc
-        return out
-
-    def _values(self) -> list[Any]:
-        """The trainable variables' current values, as tensors that later assignments leave alone."""
-        if self.backend == "tensorflow":
-            import tensorflow as tf
-
-            # An explicit read, here: ``v.value`` is the variable itself, read where it is used.
-            return [tf.identity(v.value) for v in self.variables]
-        if self.backend == "torch":
-            return [v.value.detach().clone() for v in self.variables]  # the optimizer updates in place
-        return [v.value for v in self.variables]  # JAX arrays are immutable
-
-    def _before_update(self, replicas: int) -> list[Any] | None:
-        """The variables' values before the optimizer's ``apply`` (None: the update is not
-        measured, under MirroredStrategy, whose replicas update in a cross-replica context)."""
-        if replicas > 1 or self.error is not None:
-            return None
-        return self._values()
-
-    def _measure_update(self, plan: dict[str, Any], before: list[Any]) -> None:
-        """Write the norm of each variable's update (after minus before the optimizer ran) into
-        the step's row: what the step size did to the weights, for every optimizer (a skipped
-        step's update is 0)."""
-        if self.backend == "torch":
-            from .torch_backend import update_norms_torch
-
-            return update_norms_torch(self, before, plan["slot"])
-        ops = self.keras.ops
-        after = self._values()
-        norms = ops.stack(self._norms([ops.subtract(a, b) for a, b in zip(after, before)]))
-        column = len(HEAD) + BLOCKS.index("update_norm") * self.n
-        with self.lock:
-            updated = ops.slice_update(self.ring_var.value, [plan["slot"], column], ops.expand_dims(norms, 0))
-            self.ring_var.assign(updated)
-        return None
+            return original(self._handover(grads, replicas), trainable_variables)
+        return self._steer(plan, trainable_variables)
 
     def _handover(self, grads: Sequence[Any], replicas: int = 1) -> list[Any]:
         """The gradients for the optimizer: on TensorFlow, copies that Grappler rewrites as it
@@ -390,8 +342,7 @@ class StepProbe(ProbeReader):
         head = ops.stack([
             ops.cast(count, "float32"), global_norm, lr, ops.cast(skip, "float32"), scale, loss, has_loss, factor,
         ])
-        not_yet = ops.full((self.n,), math.nan, dtype="float32")  # update_norm: after the apply
-        row = ops.concatenate([head, grad_vec, param_vec, ops.stack(zero_fraction), has_grad, not_yet])
+        row = ops.concatenate([head, grad_vec, param_vec, ops.stack(zero_fraction), has_grad])
         slot = ops.mod(count, self.ring)
         if strategy.first_replica():  # one row per step under MirroredStrategy
             with self.lock:
@@ -400,7 +351,7 @@ class StepProbe(ProbeReader):
                 self.count_var.assign(count + 1)
         if self.remedies and self.tap is not None:
             self.tap.note_skip(skip)  # PyTorch notes the flag once it is on the host (_steer)
-        return {"grads": grads, "skip": skip, "scale": scale, "rate": rate, "do_clip": do_clip, "slot": slot}
+        return {"grads": grads, "skip": skip, "scale": scale, "rate": rate, "do_clip": do_clip}
 
     def _write_loss_jax(self, before: Sequence[Any], after: Sequence[Any], loss: Any) -> list[Any]:
         """JAX: the loss tracker is updated after ``stateless_apply``: write the batch's loss into

@@ -65,30 +65,8 @@ def measure_torch(probe: Any, grads: list[Any], by_index: dict[int, Any]) -> dic
             loss_entries = [loss.to(device=device, dtype=torch.float32).reshape(()), torch.ones((), device=device)]
         head = torch.stack([count.float(), global_norm, rate.float(), skip.float(), scale, *loss_entries,
                             factor.reshape(())])
-        not_yet = torch.full((probe.n,), math.nan, device=device)  # update_norm: after the apply
-        row = torch.cat([head, grad_vec, params, zero_fraction, has, not_yet])
-        slot = (count % probe.ring).long().view(1)
+        row = torch.cat([head, grad_vec, params, zero_fraction, has])
         with probe.lock:
-            probe.ring_var.value.index_copy_(0, slot, row.view(1, -1))
+            probe.ring_var.value.index_copy_(0, (count % probe.ring).long().view(1), row.view(1, -1))
             count.add_(1)
-    return {"grads": grads, "skip": skip, "scale": scale, "rate": rate, "do_clip": do_clip, "slot": slot}
-
-
-def update_norms_torch(probe: Any, before: list[Any], slot: Any) -> None:
-    """Write the norm of each variable's update (its value now minus ``before``) into row ``slot``.
-
-    Args:
-        probe: The :class:`~gradwatch.integrations.keras.step.StepProbe`.
-        before: The variables' values before the optimizer ran (copies).
-        slot: The row of this step, as :func:`measure_torch` returned it.
-    """
-    import torch
-
-    from .step import BLOCKS, HEAD
-
-    with torch.no_grad():
-        after = [v.value for v in probe.variables]
-        norms = torch.stack(probe._norms(list(torch._foreach_sub(after, before))))
-        column = len(HEAD) + BLOCKS.index("update_norm") * probe.n
-        with probe.lock:
-            probe.ring_var.value[slot, column:column + probe.n] = norms.view(1, -1)
+    return {"grads": grads, "skip": skip, "scale": scale, "rate": rate, "do_clip": do_clip}

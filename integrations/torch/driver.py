@@ -52,7 +52,7 @@ from gradwatch.stats import StepStats
 
 from . import distributed as torch_distributed
 from .layout import LayerNames, TorchParams, build_layout, unwrap
-from .measure import measure
+from .measure import load_unit_streaks, measure, unit_streaks
 from .remedies import LRScale, Rollbacks, apply_decision, clip_grads
 
 Clip = Callable[[TorchParams, float, Any, bool], None]
@@ -350,6 +350,7 @@ class StepDriver:
             "monitor": self.monitor.state_dict(), "step": self.step, "every": self.every,
             "measured": self.measured, "healthy_since_snapshot": self.rollbacks.healthy_since,
             "param_norm": None if self._param_norm is None else [float(x) for x in self._param_norm],
+            "unit_streaks": unit_streaks(self.params) if self._dist is None else {},
         }
 
     def load_state_dict(self, state: dict[str, Any], *, owner: str) -> None:
@@ -379,6 +380,9 @@ class StepDriver:
         self.rollbacks.healthy_since = int(state.get("healthy_since_snapshot", 0))
         saved = state.get("param_norm")
         self._param_norm = None if saved is None else np.array(saved, dtype=np.float64)
+        streaks = state.get("unit_streaks")
+        if isinstance(streaks, dict) and self._dist is None:
+            load_unit_streaks(self.params, streaks)
         self._match_monitor_layout()
 
     # -- inside ---------------------------------------------------------------------------------

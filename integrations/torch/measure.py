@@ -176,6 +176,8 @@ class _Plan:
         """Per unit (row), measured steps in a row with an exactly-zero gradient (on the device)."""
         self.unit_segments: torch.Tensor | None = None
         """Per unit, the position of its tensor in ``dead_at`` (on the device, built once)."""
+        self.saved_streaks: dict[int, list[int]] = tp.__dict__.get("_saved_streaks", {})
+        """Streaks to start from, per tensor index (:func:`load_unit_streaks`)."""
         self.vec_grad = np.array(vec_grad, dtype=np.intp)
         self.vec_grad_pos = np.array(vec_grad_pos, dtype=np.intp)
         self.vec_zero = np.array(vec_zero, dtype=np.intp)
@@ -353,9 +355,13 @@ def _dead_units(plan: _Plan, units: list[torch.Tensor], device: torch.device) ->
     and count, per row tensor, the units whose streak reached :data:`UNIT_STREAK`."""
     rows = torch.cat([_to(u, device) for u in units])
     if plan.streak is None or plan.streak.shape != rows.shape or plan.streak.device != rows.device:
-        plan.streak = torch.zeros(rows.shape, dtype=torch.int32, device=rows.device)
-        sizes = torch.tensor([int(plan.rows[i]) for i in plan.dead_at], device=rows.device)
-        plan.unit_segments = torch.repeat_interleave(torch.arange(len(plan.dead_at), device=rows.device), sizes)
+        sizes = [int(plan.rows[i]) for i in plan.dead_at]
+        saved: dict[int, list[int]] = plan.saved_streaks
+        start = [saved.get(int(i), [0] * k) for i, k in zip(plan.dead_at, sizes)]
+        values = [v for part, k in zip(start, sizes) for v in (part if len(part) == k else [0] * k)]
+        plan.streak = torch.tensor(values, dtype=torch.int32, device=rows.device)
+        plan.unit_segments = torch.repeat_interleave(torch.arange(len(plan.dead_at), device=rows.device),
+                                                     torch.tensor(sizes, device=rows.device))
     # A step with no gradient anywhere in these tensors (a batch fitted to zero loss) says nothing
     # about units: the streaks stay as they are (so does a non-finite step: its sum is NaN).
     live = rows.sum() > 0
@@ -363,6 +369,32 @@ def _dead_units(plan: _Plan, units: list[torch.Tensor], device: torch.device) ->
     dead = (plan.streak >= UNIT_STREAK).float()
     counts = torch.zeros(len(plan.dead_at), device=rows.device)
     return counts.index_add_(0, plan.unit_segments, dead)  # type: ignore[arg-type]
+
+
+def unit_streaks(tp: TorchParams) -> dict[str, list[int]]:
+    """Every followed unit's zero-gradient streak, by parameter name (for a state dict: a
+    resumed run continues the same counts)."""
+    out: dict[str, list[int]] = dict(tp.__dict__.get("_saved_names", {}))
+    for plan in tp.__dict__.get("_plans", {}).values():
+        if plan.streak is None:
+            continue
+        values = plan.streak.cpu().tolist()
+        at = 0
+        for i in plan.dead_at:
+            k = int(plan.rows[i])
+            out[tp.layout.names[i]] = values[at:at + k]
+            at += k
+    return out
+
+
+def load_unit_streaks(tp: TorchParams, saved: dict[str, list[int]]) -> None:
+    """Start the units' streaks from :func:`unit_streaks` of an earlier run (names that are not
+    parameters of ``tp`` are ignored)."""
+    index = {name: i for i, name in enumerate(tp.layout.names)}
+    by_index = {index[name]: [int(v) for v in values] for name, values in saved.items() if name in index}
+    tp.__dict__["_saved_streaks"] = by_index
+    tp.__dict__["_saved_names"] = {name: list(values) for name, values in saved.items() if name in index}
+    tp.__dict__.pop("_plans", None)  # plans built from now on start from the saved streaks
 
 
 def _count_nonfinite(
@@ -434,4 +466,4 @@ def measure(
     return stats
 
 
-__all__ = ["measure", "measure_tensors"]
+__all__ = ["load_unit_streaks", "measure", "measure_tensors", "unit_streaks"]

@@ -203,6 +203,8 @@ def _feed(detector, layout, rows):
     ([1.0, 12.0, 14.0], [2.3, 2100.0, 3500.0], [1]),
     # A large first update that the loss takes well is how a small convex model starts.
     ([1.0, 2.5, 6.5], [1.0, 0.5, 0.3], []),
+    # One large update, then the loss stays 4x up (a saturated softmax: the gradients go quiet).
+    ([1.0, 3.0, 3.1, 3.2, 3.3], [2.3, 10.0, 10.0, 9.8, 9.9], [4]),
 ])
 def test_exploding_updates_as_large_as_the_weights(norms, losses, expected):
     layout = testing.make_layout(2)

@@ -267,8 +267,9 @@ def test_the_tutorial_mlp_at_sgd_5_is_found_and_rescued():
     for watched in (observed, report):
         assert not watched.healthy, watched.summary()
         first = next(f for f in watched.findings if f.severity in ("warning", "error"))
-        assert first.kind == "exploding" and first.step <= 2, watched.summary()
-    # found on the first update, which is as large as the weights; the LR cut and the snapshot
+        assert first.kind == "exploding" and first.step <= 4, watched.summary()
+    # found within its first steps (the first update is as large as the weights, and the loss does
+    # not recover from it, or the next update is as large again); the LR cut and the snapshot
     # taken before the first step restored: the run trains as one started at a sane LR
     assert {"lr_decay", "rollback"} <= set(report.action_counts), report.summary()
     assert all(math.isfinite(v) for v in loss) and loss[-1] < loss[0], loss

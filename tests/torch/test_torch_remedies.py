@@ -218,7 +218,8 @@ def test_auto_rescue_keeps_training_going_with_a_scheduler():
         losses = train(model, opt, 150, watch=w, scheduler=sched)
     assert math.isfinite(losses[-1]) and losses[-1] < 0.5 * losses[0]
     assert sched.get_last_lr() == plain_sched.get_last_lr()
-    assert copy.deepcopy(w.report().action_counts).get("clip", 0) > 0
+    counts = copy.deepcopy(w.report().action_counts)
+    assert counts.get("clip", 0) + counts.get("lr_decay", 0) > 0, counts  # it was steered, not lucky
 
 
 class StandingClip(FixedPolicy):
