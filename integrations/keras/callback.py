@@ -42,6 +42,21 @@ from .step import (  # noqa: E402
 
 STATE_VERSION = 1
 
+
+def _build_optimizer(model: Any) -> bool:
+    """Build the optimizer of a built model now, as ``fit`` does under a distribution strategy
+    (TensorFlow otherwise builds it inside the first traced step, and gradwatch's variables
+    created there too would make ``tf.function`` trace the step a second time). Returns whether
+    the optimizer is built (False for a model that its first step builds)."""
+    optimizer = model.optimizer
+    if optimizer.built:
+        return True
+    if not model.built or not model.trainable_variables:
+        return False
+    with keras.name_scope(optimizer.name, caller=optimizer):
+        optimizer.build(model.trainable_variables)
+    return True
+
 __all__ = ["GradWatch"]
 
 
@@ -159,6 +174,7 @@ class GradWatch(keras.callbacks.Callback):
             stale = probe_of(optimizer)
             if stale is not None:  # left behind by a fit that raised before on_train_end
                 stale.remove()
+            _build_optimizer(model)
             steps_per_execution = int(getattr(model, "steps_per_execution", 1) or 1)
             remedies = not isinstance(self.monitor.policy, ObservePolicy)
             tap = BatchTap(
@@ -227,16 +243,10 @@ class GradWatch(keras.callbacks.Callback):
             self.failsafe.fail(exc)
 
     def _keep_initial_copy(self, started: int) -> None:
-        """The first snapshot of the fit, before its first step. The optimizer's slots are part
-        of it: an optimizer Keras would build in the first traced step (TensorFlow) is built now,
-        as ``fit`` builds it under a distribution strategy."""
-        model = self._model
-        optimizer = model.optimizer
-        if not optimizer.built:
-            if not model.built or not model.trainable_variables:
-                return  # a model built by its first step: the first copy comes after it
-            with keras.name_scope(optimizer.name, caller=optimizer):
-                optimizer.build(model.trainable_variables)
+        """The first snapshot of the fit, before its first step, optimizer slots included (the
+        optimizer is built by ``on_train_begin`` where the model is)."""
+        if not _build_optimizer(self._model):
+            return  # a model built by its first step: the first copy comes after it
         self._rollbacks.begin(started)
 
     def _keep_up(self, started: int, probe: StepProbe, read_through: int) -> None:
