@@ -332,7 +332,11 @@ class AutoPolicy(Policy):
         if params_bad and self.rollback and can_rollback:
             plan.roll_back("nonfinite", "parameters were non-finite: restored the last healthy snapshot",
                            {"params_finite": False}, {"params_finite": True})
-            plan.decay("nonfinite", "parameters turned non-finite")
+            # After an explosion (this step's exploding finding blames the step size) the LR cut
+            # and the clip level are the explosion's (_on_step_size): halving would take many
+            # rounds of NaN and rollback.
+            if not any(f.evidence.get("remedy") == "lr" for f in by_kind.get("exploding", [])):
+                plan.decay("nonfinite", "parameters turned non-finite")
         elif streak >= self.nonfinite_patience and streak % self.nonfinite_patience == 0:
             # Every step non-finite: skipping saves nothing (the parameters never move again and
             # the next batch is as bad). Go back to the last healthy parameters, smaller steps.
@@ -380,9 +384,9 @@ class AutoPolicy(Policy):
         if not self.clip or stats.lr is None or not stats.lr > 0 or not stats.params_measured:
             return
         weight = stats.layout.role_mask(("weight",)) & stats.has_grad & np.isfinite(stats.param_norm)
-        if not weight.any():
+        if not weight.any() and not math.isfinite(weights_before):
             return
-        norm = min(float(np.sqrt(np.sum(stats.param_norm[weight] ** 2))), weights_before)
+        norm = min(float(np.sqrt(np.sum(stats.param_norm[weight] ** 2))) if weight.any() else math.inf, weights_before)
         level = self.update_bound * norm / (stats.lr * lr_ratio)
         s = plan.state
         if math.isfinite(level) and 0 < level < s.clip_norm:

@@ -25,23 +25,26 @@ Rules, each a finding of kind ``exploding`` whose evidence names the ``rule``:
    in a row, since a batch the model fits scores near 0). Training lowers the loss: a
    run whose loss climbs far above where it started is broken whatever its gradients look like.
    And (``error``, advice only: no automatic remedy) when the adapter knows the loss function's
-   chance level (``StepStats.chance_loss``, ``ln C`` for a C-class cross-entropy), a loss
-   ``chance_ratio`` times that level on the first steps: the outputs are far too large (the
-   weights ×30 at init, an exploding recurrence) — a run broken from step 0. A standard init
-   (Glorot, He, LeCun) gives logits of unit scale and a first loss near ``ln C``; four times
-   ``ln C`` takes logits spread by about 3 (10 classes) to 5 (two classes).
+   chance level (``StepStats.chance_loss``, ``ln C`` for a C-class cross-entropy), a first loss
+   ``chance_ratio`` times that level, and the median of the first three too (one unlucky batch of
+   a sample or two is not the init; a first loss ``chance_ratio ** 2`` times it is, at once): the outputs are far too large (the weights ×30 at init, an
+   exploding recurrence) — a run broken from step 0. Only the first loss is the init's alone:
+   after one update of an adaptive optimizer at a high LR the loss may be far above chance for a
+   few steps and recover. A standard init (Glorot, He, LeCun) gives logits of unit scale and a
+   first loss near ``ln C``; four times ``ln C`` takes logits spread by about 3 (10 classes) to 5
+   (two classes).
 5. **Updates as large as the weights** (``warning``): between two steps whose parameter norms were
    measured, the norm of all weight tensors together changed by more than ``max_update`` of
    itself while the loss rose by half or more: the learning rate is too high (Adam at 1.0 kills
-   the units this way at once: the loss goes up a thousandfold). It takes one such update where
-   the loss rises ``BLOWUP`` times or more, otherwise two in a row: Adagrad's and Adam's first
-   update moves every weight by about the learning rate whatever its gradient (Adagrad at lr 0.6
-   changes a GRU's weights' norm by five times itself), their later steps shrink relative to the
-   weights that update has grown, and a run that takes it with a loss a few times higher
-   recovers; a step size that is really too large makes the next update large too, or leaves the
-   loss at ``RECOVER`` times its level before the update for ``RECOVERY_STEPS`` steps (the
-   tutorial MLP at SGD 5 with a saturated softmax, whose gradients then go quiet). A first large
-   update that the loss takes well is how a small convex model starts under Adagrad or Adam. With an adapter that measures the update itself
+   the units this way at once: the loss goes up a thousandfold). One such update is not enough:
+   Adagrad's and Adam's first update moves every weight by about the learning rate whatever its
+   gradient (Adagrad at lr 0.6 changes a GRU's weights' norm by five times itself, and the loss
+   may jump fifty-fold), their later steps shrink relative to the weights that update has grown,
+   and the run recovers. A step size that is really too large makes the next update large too,
+   or leaves the loss stuck: ``RECOVERY_STEPS`` steps on still ``RECOVER`` times its level before
+   the update and not down by half from its peak since (Adam at lr 1.0; the tutorial MLP at SGD 5
+   with a saturated softmax, whose gradients then go quiet). A first large update that the loss
+   takes well is how a small convex model starts under Adagrad or Adam. With an adapter that measures the update itself
    (``StepStats.update_norm``), any weight tensor whose update exceeds ``max_update`` times its norm.
 
 Learning-rate warm-up moves the norm by small factors over many steps; the EMA follows it.
@@ -76,16 +79,17 @@ say) do not move it."""
 SANE_UPDATE = 0.01
 """A healthy step changes the weights by about this share of them (1e-3 to 1e-2 is the usual
 range); an update ``change`` times the weights suggests an LR ``SANE_UPDATE / change`` times lower."""
-BLOWUP = 10.0
-"""A loss this many times the one before, after an update as large as the weights: far too high
-an LR on one update (rule 5)."""
 RECOVER = 2.0
 RECOVERY_STEPS = 3
 """After an update as large as the weights, a loss still ``RECOVER`` times its level before it
-this many steps on: the run did not take the update (rule 5)."""
+this many steps on (and not down by half from its peak since): the run did not take the update
+(rule 5)."""
+RECOVERY_LIMIT = 20
+"""Steps after which an update as large as the weights that neither recovered nor stuck is no
+longer followed (rule 5)."""
 EARLY_STEPS = 5
 EARLY_LOSSES = 3
-"""The losses on which the init is judged against the chance level."""
+"""The losses whose median, with the first loss, judges the init against the chance level."""
 HUGE_RATIO = 10.0
 """In the first steps, a gradient norm this many times the weights' norm, right before a NaN,
 is an explosion from step 0. (A gradient as large as the weights is ordinary in a small model at
@@ -136,6 +140,12 @@ class ExplodingState(NamedTuple):
     """The loss before that update."""
     big_change: float = math.nan
     """The change of the weights' norm it made, as a share of it."""
+    big_peak: float = math.nan
+    """The largest loss since that update."""
+    big_weights: float = math.nan
+    """The weights' norm before that update."""
+    first_loss: float = math.nan
+    """The run's first finite loss (rule 4: the init's alone)."""
 
 
 def exploding(
@@ -342,7 +352,12 @@ def _after_growth(stats: StepStats, state: ExplodingState, findings: list[Findin
             "its result). Lower the learning rate, or clip the gradient norm."
         ),
         evidence={"rule": "nonfinite_after_growth", "growth": math.exp(grew), "ratio_to_weights": state.last_ratio,
-                  "clip_threshold": math.exp(history.min()) if len(history) else math.inf, "remedy": "lr"},
+                  "clip_threshold": math.exp(history.min()) if len(history) else math.inf, "remedy": "lr",
+                  # an update as large as the weights, still followed (rule 5), says by how much
+                  **({"lr_factor_hint": SANE_UPDATE / state.big_change} if state.big_step >= 0 else {}),
+                  # the weights before the NaN, for a clip level relative to them
+                  **({"previous_weight_norm": state.big_weights if state.big_step >= 0 else state.weight_norm}
+                     if math.isfinite(state.weight_norm) else {})},
     ))
 
 
@@ -359,12 +374,18 @@ def _judge_loss(stats: StepStats, state: ExplodingState, findings: list[Finding]
     if math.isnan(start) and len(losses) == LOSS_WINDOW:
         start, first_max = median(np.array(losses)), max(losses)
     seen = state.losses_seen + 1
-    state = state._replace(losses=losses, loss_start=float(start), loss_first_max=float(first_max), losses_seen=seen)
+    first = loss if seen == 1 else state.first_loss
+    state = state._replace(losses=losses, loss_start=float(start), loss_first_max=float(first_max), losses_seen=seen,
+                           first_loss=float(first))
     level = median(np.array(losses))
     chance = stats.chance_loss
-    # The init is judged on the run's first losses only: a loss that climbs far above chance
-    # later is the step size's doing (rules 1, 2 and 5, and the rise below), not the init's.
-    if chance is not None and chance > 0 and seen <= EARLY_LOSSES and level > chance_ratio * chance:
+    # The init is judged by the run's first loss (no update has touched it), confirmed by the
+    # median of the first three: a loss that climbs far above chance after updates is the step
+    # size's doing (rules 1, 2 and 5, and the rise below), not the init's.
+    # A first loss chance_ratio**2 times chance is the init beyond doubt: said at once.
+    if chance is not None and chance > 0 and first > chance_ratio * chance and (
+            (seen == 1 and first > chance_ratio ** 2 * chance)
+            or (seen == EARLY_LOSSES and first <= chance_ratio ** 2 * chance and level > chance_ratio * chance)):
         findings.append(Finding(
             kind="exploding",
             severity="error",
@@ -414,13 +435,16 @@ def _weights_norm(stats: StepStats) -> float:
 def _judge_weights(stats: StepStats, state: ExplodingState, findings: list[Finding], max_update: float) -> ExplodingState:
     loss = stats.loss if stats.loss is not None and math.isfinite(stats.loss) else math.nan
     if state.big_step >= 0 and math.isfinite(loss) and stats.step > state.big_step:
-        if loss < RECOVER * state.big_loss:
+        peak = max(state.big_peak, loss) if math.isfinite(state.big_peak) else loss
+        state = state._replace(big_peak=peak)
+        since = stats.step - state.big_step
+        if loss < RECOVER * state.big_loss or since > RECOVERY_LIMIT:
             state = state._replace(big_step=-1)  # the run took it: how Adagrad or Adam starts
-        elif stats.step - state.big_step >= RECOVERY_STEPS:
+        elif since >= RECOVERY_STEPS and loss >= 0.5 * peak:
             findings.append(_big_update_finding(
                 stats, state.big_change, math.nan, math.nan,
-                f", and {stats.step - state.big_step} steps later the loss ({loss:.4g}) is still "
-                f"{loss / state.big_loss:.3g}x what it was before it"))
+                f", and {since} steps later the loss ({loss:.4g}) is still {loss / state.big_loss:.3g}x what "
+                "it was before it"))
             state = state._replace(big_step=-1)
     weights = _weights_norm(stats)
     if not math.isfinite(weights):
@@ -430,13 +454,12 @@ def _judge_weights(stats: StepStats, state: ExplodingState, findings: list[Findi
         change = abs(weights - previous) / previous
         rose = (loss >= 1.5 * state.last_loss) if math.isfinite(loss) and math.isfinite(state.last_loss) else None
         big = change > max_update and (rose or (rose is None and change > 3 * max_update))
-        blowup = math.isfinite(loss) and math.isfinite(state.last_loss) and loss >= BLOWUP * state.last_loss
-        if big and (blowup or state.big_update):
-            findings.append(_big_update_finding(
-                stats, change, previous, weights, "" if blowup else ", after a large update the step before"))
+        if big and state.big_update:
+            findings.append(_big_update_finding(stats, change, previous, weights, ", after a large update the step before"))
             state = state._replace(big_step=-1)
         elif big and state.big_step < 0 and math.isfinite(state.last_loss):
-            state = state._replace(big_step=stats.step, big_loss=state.last_loss, big_change=change)
+            state = state._replace(big_step=stats.step, big_loss=state.last_loss, big_change=change,
+                                   big_peak=loss if math.isfinite(loss) else math.nan, big_weights=previous)
     else:
         big = False
     return state._replace(weight_norm=weights, weight_step=stats.step, last_loss=loss, big_update=bool(big))
