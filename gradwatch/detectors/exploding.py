@@ -457,7 +457,7 @@ def _judge_weights(stats: StepStats, state: ExplodingState, findings: list[Findi
         if big and state.big_update:
             findings.append(_big_update_finding(stats, change, previous, weights, ", after a large update the step before"))
             state = state._replace(big_step=-1)
-        elif big and state.big_step < 0 and math.isfinite(state.last_loss):
+        elif big and state.big_step < 0 and math.isfinite(state.last_loss) and state.last_loss > 0:
             state = state._replace(big_step=stats.step, big_loss=state.last_loss, big_change=change,
                                    big_peak=loss if math.isfinite(loss) else math.nan, big_weights=previous)
     else:

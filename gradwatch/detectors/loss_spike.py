@@ -136,9 +136,11 @@ def loss_spike(
                     step=stats.step,
                     layers=(),
                     message=(
-                        f"Loss {loss:.4g} is {loss / largest:.3g}x the largest of the last {len(recent)} "
-                        f"losses (median {center:.4g}). Look at this step's batch (bad labels or outliers) "
-                        "and at the gradient findings around it."
+                        (f"Loss {loss:.4g} is {loss / largest:.3g}x the largest of the last {len(recent)} "
+                         f"losses (median {center:.4g})." if largest > 0 else
+                         f"Loss {loss:.4g} after {len(recent)} losses of exactly 0.")
+                        + " Look at this step's batch (bad labels or outliers) and at the gradient findings "
+                        "around it."
                     ),
                     evidence={"loss": loss, "median_loss": center, "max_recent_loss": largest,
                               "robust_std": spread, "start_loss": state.start},

@@ -199,8 +199,10 @@ def _feed(detector, layout, rows):
     ([1.0, 2.5, 6.5, 20.0], [1.0, 2.0, 4.0, 9.0], [2, 3]),
     # Adagrad at lr 0.6 on a GRU: five times the weights, the loss x2.4, then it recovers.
     ([1.0, 5.9, 6.0, 6.1], [2.3, 5.5, 4.0, 3.0], []),
-    # Ten times the weights in one update and the loss x900 (Adam at lr 1.0): at once.
-    ([1.0, 12.0, 14.0], [2.3, 2100.0, 3500.0], [1]),
+    # Ten times the weights in one update and the loss x900, stuck there (Adam at lr 1.0).
+    ([1.0, 12.0, 14.0, 15.0, 16.0], [2.3, 2100.0, 3500.0, 3400.0, 5800.0], [4]),
+    # Adagrad at lr 0.3 on a CNN: the loss x50 after the first update, then halving step by step.
+    ([1.0, 5.6, 5.7, 5.8, 5.9, 6.0], [2.3, 125.0, 40.0, 10.0, 4.0, 2.5], []),
     # A large first update that the loss takes well is how a small convex model starts.
     ([1.0, 2.5, 6.5], [1.0, 0.5, 0.3], []),
     # One large update, then the loss stays 4x up (a saturated softmax: the gradients go quiet).
@@ -248,3 +250,16 @@ def test_dead_units_followed_one_by_one_are_judged_on_the_same_units():
                  + [{"zero": 0.8, "dead": 0.8, "loss": 1.0}] * 30)
     assert dead and dead[0].step == 5 and dead[0].severity == "warning"  # the streak covers the window
     assert set(dead[0].layers) == {"fc0", "fc1"}
+
+
+def test_losses_of_exactly_zero_then_a_positive_one_are_judged_without_dividing_by_zero():
+    """A run fitted to exactly 0 loss (a logistic regression on separable data), then one batch it
+    does not fit, with an update as large as the weights in between (found by the zoo: the
+    message divided by the largest recent loss, 0)."""
+    layout = testing.make_layout(2)
+    losses = [1.0] * 20 + [0.0] * 50 + [0.5, 0.4, 0.3, 0.3, 0.3]
+    norms = [1.0] * 70 + [3.0, 3.1, 3.2, 3.3, 3.4]
+    rows = [{"loss": x, "weights": w} for x, w in zip(losses, norms)]
+    spikes = _feed(detectors.loss_spike(), layout, rows)
+    assert spikes[0].step == 70 and "exactly 0" in spikes[0].message
+    _feed(detectors.exploding(), layout, rows)  # no ZeroDivisionError
