@@ -130,10 +130,13 @@ def dead_units(*, threshold: float = 0.5, window: int = 10, error_threshold: flo
         if np.isnan(start) and state.filled + 1 >= window and np.isfinite(losses).all():
             start = float(np.median(losses))
         new_state = DeadUnitsState(state.layers, fractions, cursor, filled, losses, start, state.seen + 1, followed)
-        # Followed units carry their own streak of UNIT_STREAK steps: the window's remainder.
-        span = np.where(followed, max(1, window - UNIT_STREAK + 1), window)
+        # Followed units carry their own streak of UNIT_STREAK steps: judged on the window's
+        # remainder; the others on every step of the window.
         history = ordered(fractions, cursor, filled)
-        lowest = np.array([history[-k:, j].min() if filled >= k else np.nan for j, k in enumerate(span)])
+        short = max(1, window - UNIT_STREAK + 1)
+        unmeasured = np.full(len(state.layers), np.nan)
+        lowest = np.where(followed, history[-short:].min(0) if filled >= short else unmeasured,
+                          history.min(0) if filled >= window else unmeasured)
         lowest = np.where(np.isnan(lowest), -1.0, lowest)  # NaN where a step of the span was not measured
         hit = lowest >= threshold
         if not hit.any():

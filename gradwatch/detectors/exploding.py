@@ -254,11 +254,8 @@ def exploding(
             layers = _exploding_layers(stats, tensor_log, state.tensor_log_mean, min_ratio)
             z = (log_norm - state.log_mean) / max(std, 1e-12)
             again = " on two steps in a row" if ratio < big_ratio else ""
-            findings.append(Finding(
-                kind="exploding",
-                severity="warning",
-                step=stats.step,
-                layers=layers,
+            findings.append(_finding(
+                "warning", stats, layers,
                 message=(
                     f"Global gradient norm {norm:.3g} is {ratio:.0f}x its recent level "
                     f"({math.exp(state.log_mean):.3g}, z={z:.1f} in log space){again}; largest jumps in "
@@ -278,11 +275,8 @@ def exploding(
             span = history[-growth_span:]
             layers = _exploding_layers(stats, tensor_log, state.tensor_log_mean, 1.0)
             growth = math.exp(min(span[-2:]) - _start_level(span))
-            findings.append(Finding(
-                kind="exploding",
-                severity="error",
-                step=stats.step,
-                layers=layers,
+            findings.append(_finding(
+                "error", stats, layers,
                 message=(
                     f"Global gradient norm grew {growth:.0f}x over the last {growth_span} steps and is "
                     f"still rising (now {norm:.3g}): the run is diverging. Lower the learning "
@@ -342,11 +336,8 @@ def _after_growth(stats: StepStats, state: ExplodingState, findings: list[Findin
         return
     why = (f"grew {math.exp(grew):.0f}x over the last {len(history)} steps" if grown
            else f"was {state.last_ratio:.3g}x the norm of the weights themselves")
-    findings.append(Finding(
-        kind="exploding",
-        severity="error",
-        step=stats.step,
-        layers=(),
+    findings.append(_finding(
+        "error", stats, (),
         message=(
             f"The gradient norm {why} and then turned non-finite: the run exploded (the NaN/Inf is "
             "its result). Lower the learning rate, or clip the gradient norm."
@@ -386,11 +377,8 @@ def _judge_loss(stats: StepStats, state: ExplodingState, findings: list[Finding]
     if chance is not None and chance > 0 and first > chance_ratio * chance and (
             (seen == 1 and first > chance_ratio ** 2 * chance)
             or (seen == EARLY_LOSSES and first <= chance_ratio ** 2 * chance and level > chance_ratio * chance)):
-        findings.append(Finding(
-            kind="exploding",
-            severity="error",
-            step=stats.step,
-            layers=(),
+        findings.append(_finding(
+            "error", stats, (),
             message=(
                 f"The loss is {level:.4g}, {level / chance:.0f}x what a model that knows nothing scores "
                 f"({chance:.3g}): the outputs are far too large. Check the initialisation scale and "
@@ -405,11 +393,8 @@ def _judge_loss(stats: StepStats, state: ExplodingState, findings: list[Finding]
         # first losses: the loss of a batch of one or two samples swings by orders of magnitude
         # (and down to nearly 0 on a batch it fits), so a median that wanders up is noise; a
         # divergence lifts every batch's loss.
-        findings.append(Finding(
-            kind="exploding",
-            severity="error" if level > 10 * loss_rise * start else "warning",
-            step=stats.step,
-            layers=(),
+        findings.append(_finding(
+            "error" if level > 10 * loss_rise * start else "warning", stats, (),
             message=(
                 f"The loss rose to {level:.4g}, {level / start:.3g}x where the run started ({start:.4g}): "
                 "the steps are too large and the run diverges. Lower the learning rate."
@@ -467,11 +452,8 @@ def _judge_weights(stats: StepStats, state: ExplodingState, findings: list[Findi
 
 def _big_update_finding(stats: StepStats, change: float, previous: float, weights: float, why: str) -> Finding:
     norms = f" ({previous:.3g} -> {weights:.3g})" if math.isfinite(previous) else ""
-    return Finding(
-        kind="exploding",
-        severity="warning",
-        step=stats.step,
-        layers=(),
+    return _finding(
+        "warning", stats, (),
         message=(
             f"One update changed the weights' norm by {change:.0%}{norms} and the loss rose{why}: "
             "the learning rate is far too high for this model."
@@ -490,11 +472,8 @@ def _update_ratio_rule(stats: StepStats, findings: list[Finding], max_update: fl
     ratio_u = np.where(weight & stats.has_grad & np.isfinite(ratio), ratio, 0.0)
     big = [stats.layout.layers[i] for i in np.flatnonzero(ratio_u > max_update)]
     if big:
-        findings.append(Finding(
-            kind="exploding",
-            severity="warning",
-            step=stats.step,
-            layers=tuple(dict.fromkeys(big)),
+        findings.append(_finding(
+            "warning", stats, tuple(dict.fromkeys(big)),
             message=(
                 f"Updates larger than {max_update:g}x the weights in {', '.join(dict.fromkeys(big))}: the "
                 "learning rate is too high for them."
@@ -505,6 +484,12 @@ def _update_ratio_rule(stats: StepStats, findings: list[Finding], max_update: fl
 
 
 # -- shared ------------------------------------------------------------------------------------------
+
+
+def _finding(severity: str, stats: StepStats, layers: tuple[str, ...], message: str, evidence: dict) -> Finding:
+    """An ``exploding`` finding on this step."""
+    return Finding(kind="exploding", severity=severity, step=stats.step, layers=layers, message=message,
+                   evidence=evidence)
 
 
 def _sustained_growth(history: np.ndarray, window: int, log_factor: float) -> int:

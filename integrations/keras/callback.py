@@ -245,7 +245,7 @@ class GradWatch(keras.callbacks.Callback):
     def _keep_initial_copy(self, started: int) -> None:
         """The first snapshot of the fit, before its first step, optimizer slots included (the
         optimizer is built by ``on_train_begin`` where the model is)."""
-        if not _build_optimizer(self._model):
+        if not self._model.optimizer.built:
             return  # a model built by its first step: the first copy comes after it
         self._rollbacks.begin(started)
 

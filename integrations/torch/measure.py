@@ -176,8 +176,10 @@ class _Plan:
         """Per unit (row), measured steps in a row with an exactly-zero gradient (on the device)."""
         self.unit_segments: torch.Tensor | None = None
         """Per unit, the position of its tensor in ``dead_at`` (on the device, built once)."""
-        self.saved_streaks: dict[int, list[int]] = tp.__dict__.get("_saved_streaks", {})
-        """Streaks to start from, per tensor index (:func:`load_unit_streaks`)."""
+        saved: dict[str, list[int]] = tp.__dict__.get("_saved_streaks", {})
+        self.start_streaks = [saved.get(tp.layout.names[i], []) for i in unit_tensors]
+        """Per row tensor of ``dead_at``, the streaks to start from (:func:`load_unit_streaks`;
+        empty: from 0)."""
         self.vec_grad = np.array(vec_grad, dtype=np.intp)
         self.vec_grad_pos = np.array(vec_grad_pos, dtype=np.intp)
         self.vec_zero = np.array(vec_zero, dtype=np.intp)
@@ -356,9 +358,7 @@ def _dead_units(plan: _Plan, units: list[torch.Tensor], device: torch.device) ->
     rows = torch.cat([_to(u, device) for u in units])
     if plan.streak is None or plan.streak.shape != rows.shape or plan.streak.device != rows.device:
         sizes = [int(plan.rows[i]) for i in plan.dead_at]
-        saved: dict[int, list[int]] = plan.saved_streaks
-        start = [saved.get(int(i), [0] * k) for i, k in zip(plan.dead_at, sizes)]
-        values = [v for part, k in zip(start, sizes) for v in (part if len(part) == k else [0] * k)]
+        values = [v for part, k in zip(plan.start_streaks, sizes) for v in (part if len(part) == k else [0] * k)]
         plan.streak = torch.tensor(values, dtype=torch.int32, device=rows.device)
         plan.unit_segments = torch.repeat_interleave(torch.arange(len(plan.dead_at), device=rows.device),
                                                      torch.tensor(sizes, device=rows.device))
@@ -374,7 +374,7 @@ def _dead_units(plan: _Plan, units: list[torch.Tensor], device: torch.device) ->
 def unit_streaks(tp: TorchParams) -> dict[str, list[int]]:
     """Every followed unit's zero-gradient streak, by parameter name (for a state dict: a
     resumed run continues the same counts)."""
-    out: dict[str, list[int]] = dict(tp.__dict__.get("_saved_names", {}))
+    out: dict[str, list[int]] = dict(tp.__dict__.get("_saved_streaks", {}))
     for plan in tp.__dict__.get("_plans", {}).values():
         if plan.streak is None:
             continue
@@ -390,10 +390,8 @@ def unit_streaks(tp: TorchParams) -> dict[str, list[int]]:
 def load_unit_streaks(tp: TorchParams, saved: dict[str, list[int]]) -> None:
     """Start the units' streaks from :func:`unit_streaks` of an earlier run (names that are not
     parameters of ``tp`` are ignored)."""
-    index = {name: i for i, name in enumerate(tp.layout.names)}
-    by_index = {index[name]: [int(v) for v in values] for name, values in saved.items() if name in index}
-    tp.__dict__["_saved_streaks"] = by_index
-    tp.__dict__["_saved_names"] = {name: list(values) for name, values in saved.items() if name in index}
+    names = set(tp.layout.names)
+    tp.__dict__["_saved_streaks"] = {name: [int(v) for v in values] for name, values in saved.items() if name in names}
     tp.__dict__.pop("_plans", None)  # plans built from now on start from the saved streaks
 
 
