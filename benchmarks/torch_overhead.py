@@ -134,7 +134,7 @@ def breakdown(model_name: str, steps: int = 200, warmup: int = 10) -> dict[str, 
     of the whole pre-hook, of ``measure`` (reductions, transfer, StepStats), of
     ``Monitor.observe`` (detectors and policy), and of one bare ``_foreach_norm`` of all gradients
     with its transfer (the floor: one read of the gradients)."""
-    import gradwatch.integrations.torch.watch as adapter
+    import gradwatch.integrations.torch.driver as adapter
 
     spec = MODELS[model_name]
     torch.manual_seed(0)
@@ -142,7 +142,8 @@ def breakdown(model_name: str, steps: int = 200, warmup: int = 10) -> dict[str, 
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
     x = torch.randn(*spec["input"])
     y = torch.randint(0, 10, (spec["input"][0],))
-    times: dict[str, list[float]] = {"pre_hook": [], "measure": [], "observe": [], "floor": []}
+    times: dict[str, list[float]] = {"pre_hook": [], "measure": [], "observe": [], "snapshots": [],
+                                     "floor": []}
 
     def timed(name: str, fn: Any) -> Any:
         def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -159,7 +160,8 @@ def breakdown(model_name: str, steps: int = 200, warmup: int = 10) -> dict[str, 
     opt.register_step_pre_hook(timed("floor", floor))
     w = gradwatch.watch(model, opt)
     w.monitor.observe = timed("observe", w.monitor.observe)  # type: ignore[method-assign]
-    w._begin_step = timed("pre_hook", w._begin_step)  # type: ignore[method-assign]
+    w._pre_step = timed("pre_hook", w._pre_step)  # type: ignore[method-assign]
+    w.driver.rollbacks.after = timed("snapshots", w.driver.rollbacks.after)  # type: ignore[method-assign]
     original_measure = adapter.measure
     adapter.measure = timed("measure", original_measure)
     try:

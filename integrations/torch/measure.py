@@ -8,12 +8,15 @@
   L0 "norm" (number of non-zeros) of the row norms (one more ``_foreach_norm``, on a few KB). One
   read of the gradient gives both: counting zero rows tensor by tensor with ``(g == 0).all(1)``
   costs about 10x more.
-* dead units, followed one by one: every unit's count of measured steps in a row with an exactly
-  zero row norm lives on the device (one int32 per unit, reset where the row is non-zero, left as
-  it is on a step whose gradient is zero everywhere: a converged batch). The units whose count
-  reaches :data:`gradwatch.stats.UNIT_STREAK` are counted per tensor, a handful of element-wise
-  ops on all the row norms at once (``StepStats.dead_fraction``): with batches of a sample or two
-  the per-step share of zero rows is high in a healthy ReLU layer, but not for the same units.
+* dead units, followed one by one: every unit keeps a count of measured steps in a row with an
+  exactly zero row norm (one int32 per unit, reset where the row is non-zero, left as it is on a
+  step whose gradient is zero everywhere: a converged batch). The units whose count reaches
+  :data:`gradwatch.stats.UNIT_STREAK` are counted per tensor (``StepStats.dead_fraction``): with
+  batches of a sample or two the per-step share of zero rows is high in a healthy ReLU layer, but
+  not for the same units. On an accelerator the counts live on the device (a handful of
+  element-wise ops on all the row norms at once, no extra transfer); on the CPU, where every torch
+  op costs its dispatch (about 15 us each in a real step, 0.2 ms for the handful), the row norms
+  join the one transfer and the counts are kept in numpy.
 * other dense tensors (biases, normalisation scales, embeddings): one ``torch._foreach_norm``.
 * sparse gradients (``nn.Embedding(sparse=True)``): coalesced, the norm of the values.
 * fp16/bf16 gradients and parameters: norms accumulated in float32.
@@ -84,6 +87,10 @@ def _to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t if t.device == device else t.to(device)
 
 
+HOST_UNITS = True
+"""On the CPU, keep the units' zero-gradient streaks in numpy (False: on the device, as on an
+accelerator; the tests compare the two)."""
+
 SMALL = 1 << 16
 """Tensors of at most this many elements that share a shape are stacked and reduced in one op:
 for them the cost is the per-op dispatch, not the read (a model with many small layers)."""
@@ -118,7 +125,8 @@ class _Plan:
     parameter norms (when measured).
     """
 
-    def __init__(self, tp: TorchParams, grads: list[torch.Tensor | None], present: tuple[int, ...]) -> None:
+    def __init__(self, tp: TorchParams, grads: list[torch.Tensor | None], present: tuple[int, ...],
+                 host_units: bool) -> None:
         params = tp.params
         n = len(params)
         self.present = list(present)
@@ -169,11 +177,19 @@ class _Plan:
         # groups' vectors; the per-unit streaks they come from follow the same order.
         unit_tensors = self.row_single + [i for members in self.row_groups for i in members]
         self.dead_at = np.array(unit_tensors, dtype=np.intp)
-        self.dead_pos = np.arange(pos, pos + len(unit_tensors), dtype=np.intp)
-        pos += len(unit_tensors)
+        unit_rows = [int(dense[i].shape[0]) for i in unit_tensors]
+        self.host_units = host_units
+        """True: the row norms cross to the host and the streaks are kept in numpy (on the CPU)."""
+        if host_units:  # every row norm, in the order of ``dead_at``
+            self.unit_starts = np.cumsum([0] + unit_rows[:-1], dtype=np.intp)
+            self.dead_pos = np.arange(pos, pos + sum(unit_rows), dtype=np.intp)
+        else:  # one count per row tensor
+            self.dead_pos = np.arange(pos, pos + len(unit_tensors), dtype=np.intp)
+        pos += len(self.dead_pos)
         self.n_vector = pos
-        self.streak: torch.Tensor | None = None
-        """Per unit (row), measured steps in a row with an exactly-zero gradient (on the device)."""
+        self.streak: torch.Tensor | np.ndarray | None = None
+        """Per unit (row), measured steps in a row with an exactly-zero gradient (on the device, or
+        in numpy with ``host_units``)."""
         self.unit_segments: torch.Tensor | None = None
         """Per unit, the position of its tensor in ``dead_at`` (on the device, built once)."""
         saved: dict[str, list[int]] = tp.__dict__.get("_saved_streaks", {})
@@ -198,12 +214,13 @@ def _plan(tp: TorchParams, grads: list[torch.Tensor | None]) -> _Plan:
     present = tuple(i for i, g in enumerate(grads) if g is not None)
     sparse = tuple(i for i in present if grads[i].is_sparse)  # type: ignore[union-attr]
     cache: dict[Any, _Plan] = tp.__dict__.setdefault("_plans", {})
-    key = (present, sparse)
+    host_units = HOST_UNITS and (grads[present[0]] if present else tp.params[0]).device.type == "cpu"  # type: ignore[union-attr]
+    key = (present, sparse, host_units)
     plan = cache.get(key)
     if plan is None:
         if len(cache) > 32:
             cache.clear()
-        plan = cache[key] = _Plan(tp, grads, present)
+        plan = cache[key] = _Plan(tp, grads, present, host_units)
     return plan
 
 
@@ -278,7 +295,8 @@ def measure_tensors(
         for group in plan.flat_groups:
             vectors.append(_stacked_norms([grads[i] for i in group]))  # type: ignore[misc]
         if units:
-            vectors.append(_dead_units(plan, units, device))
+            vectors.append(torch.cat([u.reshape(-1) for u in units]) if plan.host_units
+                           else _dead_units(plan, units, device))
         del units
         if fresh_params:
             vectors += [_stacked_norms([params[i] for i in group]) for group in plan.param_groups]
@@ -309,7 +327,9 @@ def measure_tensors(
         param_norm = param_norms
     zero_fraction = 1.0 - nonzero_rows / plan.rows  # NaN where rows are not counted
     dead_fraction = np.full(n, np.nan)
-    dead_fraction[plan.dead_at] = vec[plan.dead_pos] / plan.rows[plan.dead_at]
+    if len(plan.dead_at):
+        dead = _host_dead_units(plan, vec[plan.dead_pos]) if plan.host_units else vec[plan.dead_pos]
+        dead_fraction[plan.dead_at] = dead / plan.rows[plan.dead_at]
     loss_value: float | None = None
     if tensor_loss:
         loss_value = values.pop(0)
@@ -352,14 +372,28 @@ def measure_tensors(
     return stats, tail_values
 
 
+def _start_streaks(plan: _Plan) -> list[int]:
+    sizes = [int(plan.rows[i]) for i in plan.dead_at]
+    return [v for part, k in zip(plan.start_streaks, sizes) for v in (part if len(part) == k else [0] * k)]
+
+
+def _host_dead_units(plan: _Plan, rows: np.ndarray) -> np.ndarray:
+    """:func:`_dead_units` in numpy, from the row norms that crossed in the transfer (on the CPU)."""
+    if not isinstance(plan.streak, np.ndarray) or plan.streak.shape != rows.shape:
+        plan.streak = np.array(_start_streaks(plan), dtype=np.int32)
+    if rows.sum() > 0:  # as on the device: a step with no gradient anywhere leaves the streaks alone
+        plan.streak = np.where(rows == 0, plan.streak + 1, 0).astype(np.int32)
+    return np.add.reduceat(plan.streak >= UNIT_STREAK, plan.unit_starts).astype(np.float64)
+
+
 def _dead_units(plan: _Plan, units: list[torch.Tensor], device: torch.device) -> torch.Tensor:
     """Advance every unit's zero-gradient streak by this step's row norms (on the device, no sync)
     and count, per row tensor, the units whose streak reached :data:`UNIT_STREAK`."""
     rows = torch.cat([_to(u, device) for u in units])
-    if plan.streak is None or plan.streak.shape != rows.shape or plan.streak.device != rows.device:
+    if (not isinstance(plan.streak, torch.Tensor) or plan.streak.shape != rows.shape
+            or plan.streak.device != rows.device):
         sizes = [int(plan.rows[i]) for i in plan.dead_at]
-        values = [v for part, k in zip(plan.start_streaks, sizes) for v in (part if len(part) == k else [0] * k)]
-        plan.streak = torch.tensor(values, dtype=torch.int32, device=rows.device)
+        plan.streak = torch.tensor(_start_streaks(plan), dtype=torch.int32, device=rows.device)
         plan.unit_segments = torch.repeat_interleave(torch.arange(len(plan.dead_at), device=rows.device),
                                                      torch.tensor(sizes, device=rows.device))
     # A step with no gradient anywhere in these tensors (a batch fitted to zero loss) says nothing
@@ -378,7 +412,7 @@ def unit_streaks(tp: TorchParams) -> dict[str, list[int]]:
     for plan in tp.__dict__.get("_plans", {}).values():
         if plan.streak is None:
             continue
-        values = plan.streak.cpu().tolist()
+        values = plan.streak.tolist() if isinstance(plan.streak, np.ndarray) else plan.streak.cpu().tolist()
         at = 0
         for i in plan.dead_at:
             k = int(plan.rows[i])

@@ -300,3 +300,50 @@ def test_small_same_shape_tensors_are_reduced_together_with_the_same_results(dty
     bad = measure(tp, step=1)
     assert not bad.finite and bad.nonfinite[tp.layout.names.index("6.weight")] == 1
     assert bad.nonfinite.sum() == 1
+
+
+def test_unit_streaks_in_numpy_and_on_the_device_agree(monkeypatch):
+    """On the CPU the units' zero-gradient streaks are kept in numpy; on an accelerator on the
+    device. Both paths, on the same real steps (dead rows, a step with no gradient at all, a
+    restart from saved streaks), give the same dead fractions and the same saved streaks."""
+    import importlib
+
+    from gradwatch.stats import UNIT_STREAK
+
+    measure_module = importlib.import_module("gradwatch.integrations.torch.measure")  # the package shadows it
+    load_unit_streaks, unit_streaks = measure_module.load_unit_streaks, measure_module.unit_streaks
+
+    def run(host: bool) -> tuple[list[np.ndarray], dict[str, list[int]], list[np.ndarray]]:
+        monkeypatch.setattr(measure_module, "HOST_UNITS", host)
+        model = mlp(seed=3, depth=3, width=16)  # two 16x16 weights: stacked; the rest alone
+        with torch.no_grad():
+            model[0].bias[:6] = -50.0  # six units of the first layer never fire
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        x, y = regression_data(n=64)
+        tp = build_layout(model, opt)
+        dead = []
+        for step in range(UNIT_STREAK + 4):
+            opt.zero_grad()
+            batch = slice(2 * step, 2 * step + 2)
+            loss = nn.functional.mse_loss(model(x[batch]), y[batch]) * (0.0 if step == 3 else 1.0)
+            loss.backward()  # step 3: a gradient of exactly zero everywhere, streaks held
+            dead.append(measure(tp, step=step).dead_fraction)
+            opt.step()
+        saved = unit_streaks(tp)
+        resumed = build_layout(model, opt)
+        load_unit_streaks(resumed, saved)
+        later = []
+        for step in range(2):
+            opt.zero_grad()
+            nn.functional.mse_loss(model(x[:2]), y[:2]).backward()
+            later.append(measure(resumed, step=step).dead_fraction)
+        return dead, saved, later
+
+    host, device = run(True), run(False)
+    np.testing.assert_array_equal(np.array(host[0]), np.array(device[0]))
+    assert host[1] == device[1]
+    np.testing.assert_array_equal(np.array(host[2]), np.array(device[2]))
+    first = build_layout(mlp(seed=3, depth=3, width=16)).layout.names.index("0.weight")
+    assert host[0][UNIT_STREAK - 1][first] == 0.0  # the zero step did not count
+    assert host[0][UNIT_STREAK][first] >= 6 / 16
+    assert host[2][0][first] >= 6 / 16  # the resumed run remembers
