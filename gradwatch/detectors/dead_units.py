@@ -109,17 +109,11 @@ def dead_units(*, threshold: float = 0.5, window: int = 10, error_threshold: flo
     def update(stats: StepStats, state: DeadUnitsState) -> tuple[list[Finding], DeadUnitsState]:
         if not state.layers:
             return [], state
-        layout = stats.layout
-        names = layout.layer_names()
         followed = state.followed
         if stats.finite and stats.global_norm == 0.0:
             row = np.full(len(state.layers), np.nan)  # converged on this batch: nothing to judge
         else:
-            position = {name: i for i, name in enumerate(names)}
-            at = [position[name] for name in state.layers]
-            judged = stats.has_grad & layout.role_mask(JUDGED_ROLES)
-            row = _per_layer(layout, stats.zero_fraction, judged)[at]
-            dead = _per_layer(layout, stats.dead_fraction, judged)[at]
+            row, dead = _per_layer(stats, state.layers)
             followed = np.isfinite(dead)
             row = np.where(followed, dead, row)
         fractions, cursor = push(state.fractions, state.cursor, row)
@@ -178,12 +172,30 @@ def dead_units(*, threshold: float = 0.5, window: int = 10, error_threshold: flo
     return Detector("dead_units", init, update)
 
 
-def _per_layer(layout: Layout, values: np.ndarray, judged: np.ndarray) -> np.ndarray:
-    """Per layer of ``layout``, the largest of ``values`` over its judged tensors; NaN where none
-    is judged or measured."""
-    ok = judged & np.isfinite(values)
-    per_layer = np.where(layout.membership & ok[None, :], values[None, :], -1.0).max(1)
-    return np.where(per_layer < 0, np.nan, per_layer)
+def _judged_tensors(layout: Layout, layers: tuple) -> tuple[np.ndarray, np.ndarray]:
+    """The tensors of ``JUDGED_ROLES`` of each of ``layers``, grouped by layer in that order, and
+    where each layer's group starts (cached on the layout: one lookup per step, whatever the
+    number of layers)."""
+    key = ("dead_units", layers)
+    cached = layout._cache.get(key)
+    if cached is None:
+        position = {name: i for i, name in enumerate(layout.layer_names())}
+        judged = layout.role_mask(JUDGED_ROLES)
+        groups = [np.flatnonzero(judged & (layout.layer_ids == position[name])) for name in layers]
+        starts = np.cumsum([0] + [len(g) for g in groups[:-1]], dtype=np.intp)
+        cached = layout._cache[key] = (np.concatenate(groups).astype(np.intp), starts)
+    return cached
+
+
+def _per_layer(stats: StepStats, layers: tuple) -> tuple[np.ndarray, np.ndarray]:
+    """Per layer of ``layers``, the largest per-step share of zero units and the largest share of
+    dead (followed) units over its judged tensors that have a gradient; NaN where none is measured."""
+    tensors, starts = _judged_tensors(stats.layout, layers)
+    values = np.stack((stats.zero_fraction[tensors], stats.dead_fraction[tensors]))
+    values = np.where(stats.has_grad[tensors] & np.isfinite(values), values, -1.0)
+    per_layer = np.maximum.reduceat(values, starts, axis=1)
+    per_layer = np.where(per_layer < 0, np.nan, per_layer)
+    return per_layer[0], per_layer[1]
 
 
 def _progress(losses: np.ndarray, start: float) -> float:
