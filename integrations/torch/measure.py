@@ -208,6 +208,33 @@ class _Plan:
         for i in row_idx:
             rows[i] = params[i].shape[0]
         self.rows = rows
+        self.dead_rows = rows[self.dead_at]
+        self._gathers: dict[tuple[int, bool], tuple[np.ndarray, np.ndarray, np.ndarray | None, slice]] = {}
+
+    def gather(self, n_tail: int, fresh_params: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, slice]:
+        """Where, in the host vector with a NaN appended, each tensor's gradient norm, non-zero
+        row count and parameter norm (None unless measured) are, and the slice of the dead-unit
+        numbers; for ``n_tail`` caller's scalars. Missing entries point at the NaN (-1)."""
+        key = (n_tail, fresh_params)
+        cached = self._gathers.get(key)
+        if cached is None:
+            n = len(self.has_grad)
+            grad = np.full(n, -1, dtype=np.intp)
+            zero = np.full(n, -1, dtype=np.intp)
+            grad[self.scalar_grad_at] = self.scalar_grad_pos
+            zero[self.scalar_zero_at] = self.scalar_zero_pos
+            n_fixed = self.n_scalars + (len(self.param_single) if fresh_params else 0)
+            base = n_fixed + n_tail  # where the vectors start
+            grad[self.vec_grad] = base + self.vec_grad_pos
+            zero[self.vec_zero] = base + self.vec_zero_pos
+            param = None
+            if fresh_params:
+                param = np.full(n, -1, dtype=np.intp)
+                param[self.param_single_at] = self.n_scalars + np.arange(len(self.param_single))
+                param[self.param_group_at] = base + self.n_vector + np.arange(len(self.param_group_at))
+            dead = slice(base + int(self.dead_pos[0]), base + int(self.dead_pos[-1]) + 1) if len(self.dead_pos) else slice(0, 0)
+            cached = self._gathers[key] = (grad, zero, param, dead)
+        return cached
 
 
 def _plan(tp: TorchParams, grads: list[torch.Tensor | None]) -> _Plan:
@@ -302,34 +329,23 @@ def measure_tensors(
             vectors += [_stacked_norms([params[i] for i in group]) for group in plan.param_groups]
         n_tail = len(scalars) - n_fixed
         parts = ([_stack(scalars, device)] if scalars else []) + [_to(v, device) for v in vectors]
-        host = (torch.cat(parts) if len(parts) > 1 else parts[0]).cpu().numpy().astype(np.float64) if parts else np.zeros(0)
+        flat = (torch.cat(parts) if len(parts) > 1 else parts[0]).cpu().numpy() if parts else np.zeros(0)
     del grads, scalars, vectors, parts
-
-    grad_norm = np.full(n, np.nan)
-    nonzero_rows = np.full(n, np.nan)
-    grad_norm[plan.scalar_grad_at] = host[plan.scalar_grad_pos]
-    nonzero_rows[plan.scalar_zero_at] = host[plan.scalar_zero_pos]
-    pos = plan.n_scalars
-    param_norm: Any = None
-    if fresh_params:
-        param_norm = np.full(n, np.nan)
-        k = len(plan.param_single)
-        param_norm[plan.param_single_at] = host[pos:pos + k]
-        pos += k
-    assert pos == n_fixed
-    values = host[n_fixed:n_fixed + n_tail].tolist()
-    vec = host[n_fixed + n_tail:]
-    grad_norm[plan.vec_grad] = vec[plan.vec_grad_pos]
-    nonzero_rows[plan.vec_zero] = vec[plan.vec_zero_pos]
-    if fresh_params and len(plan.param_group_at):
-        param_norm[plan.param_group_at] = vec[plan.n_vector:]
-    elif isinstance(param_norms, np.ndarray):
+    # float64, with one NaN after the end: every "not measured" entry gathers it (index -1).
+    host = np.empty(flat.size + 1)
+    host[:-1] = flat
+    host[-1] = np.nan
+    at_grad, at_zero, at_param, at_dead = plan.gather(n_tail, fresh_params)
+    grad_norm = host[at_grad]
+    zero_fraction = 1.0 - host[at_zero] / plan.rows  # NaN where rows are not counted
+    param_norm: Any = host[at_param] if at_param is not None else None
+    if not fresh_params and isinstance(param_norms, np.ndarray):
         param_norm = param_norms
-    zero_fraction = 1.0 - nonzero_rows / plan.rows  # NaN where rows are not counted
+    values = host[n_fixed:n_fixed + n_tail].tolist()
     dead_fraction = np.full(n, np.nan)
     if len(plan.dead_at):
-        dead = _host_dead_units(plan, vec[plan.dead_pos]) if plan.host_units else vec[plan.dead_pos]
-        dead_fraction[plan.dead_at] = dead / plan.rows[plan.dead_at]
+        dead = _host_dead_units(plan, host[at_dead]) if plan.host_units else host[at_dead]
+        dead_fraction[plan.dead_at] = dead / plan.dead_rows
     loss_value: float | None = None
     if tensor_loss:
         loss_value = values.pop(0)
@@ -382,8 +398,9 @@ def _host_dead_units(plan: _Plan, rows: np.ndarray) -> np.ndarray:
     if not isinstance(plan.streak, np.ndarray) or plan.streak.shape != rows.shape:
         plan.streak = np.array(_start_streaks(plan), dtype=np.int32)
     if rows.sum() > 0:  # as on the device: a step with no gradient anywhere leaves the streaks alone
-        plan.streak = np.where(rows == 0, plan.streak + 1, 0).astype(np.int32)
-    return np.add.reduceat(plan.streak >= UNIT_STREAK, plan.unit_starts).astype(np.float64)
+        plan.streak += 1
+        np.multiply(plan.streak, rows == 0, out=plan.streak)
+    return np.add.reduceat(plan.streak >= UNIT_STREAK, plan.unit_starts, dtype=np.float64)
 
 
 def _dead_units(plan: _Plan, units: list[torch.Tensor], device: torch.device) -> torch.Tensor:
