@@ -51,10 +51,51 @@ def small_cnn(classes: int = 10) -> nn.Module:
     )
 
 
+class TokenTransformer(nn.Module):
+    """A 12-layer transformer encoder over 16 tokens (147 parameter tensors)."""
+
+    def __init__(self, layers: int = 12, d: int = 64, vocab: int = 100, tokens: int = 16, classes: int = 10) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d)
+        block = nn.TransformerEncoderLayer(d, 4, 4 * d, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(block, layers, enable_nested_tensor=False)
+        self.head = nn.Linear(d * tokens, classes)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(self.embed(tokens)).flatten(1))
+
+
+class Residual(nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.linear = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.linear(torch.relu(self.norm(x)))
+
+
+def many_tensors(blocks: int = 125, width: int = 64, d_in: int = 64, classes: int = 10) -> nn.Module:
+    """A pre-norm residual MLP of ``blocks`` blocks (LayerNorm + Linear: 4 tensors each)."""
+    layers: list[nn.Module] = [Residual(width) for _ in range(blocks)]
+    return nn.Sequential(*layers[:-1], nn.Linear(d_in, classes))
+
+
 MODELS: dict[str, dict[str, Any]] = {
     "mlp": {"build": mlp, "input": (128, 512), "label": "MLP 6x512, batch 128, Adam"},
     "cnn": {"build": small_cnn, "input": (64, 3, 32, 32), "label": "CNN 3 conv+BN, 32x32, batch 64, Adam"},
+    "transformer": {"build": TokenTransformer, "input": (32, 16), "tokens": 100,
+                    "label": "Transformer 12 layers, d=64, 147 tensors, batch 32x16, Adam"},
+    "many": {"build": many_tensors, "input": (64, 64),
+             "label": "Residual MLP 124 blocks x64, 498 tensors, batch 64, Adam"},
 }
+
+
+def batch(spec: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's one batch: token ids for a transformer, Gaussian inputs otherwise."""
+    shape = spec["input"]
+    x = torch.randint(0, spec["tokens"], shape) if "tokens" in spec else torch.randn(*shape)
+    return x, torch.randint(0, 10, (shape[0],))
 
 
 class Variant:
@@ -90,8 +131,7 @@ def bench(model_name: str, repeats: int, steps: int, warmup: int, clock: Any = t
     spec = MODELS[model_name]
     torch.manual_seed(0)
     base = spec["build"]()
-    x = torch.randn(*spec["input"])
-    y = torch.randint(0, 10, (spec["input"][0],))
+    x, y = batch(spec)
     variants = [
         Variant("unwatched", copy.deepcopy(base), "plain"),
         Variant("gradwatch every=1", copy.deepcopy(base), "gradwatch", every=1),
@@ -140,8 +180,7 @@ def breakdown(model_name: str, steps: int = 200, warmup: int = 10) -> dict[str, 
     torch.manual_seed(0)
     model = spec["build"]()
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
-    x = torch.randn(*spec["input"])
-    y = torch.randint(0, 10, (spec["input"][0],))
+    x, y = batch(spec)
     times: dict[str, list[float]] = {"pre_hook": [], "measure": [], "observe": [], "snapshots": [],
                                      "floor": []}
 
