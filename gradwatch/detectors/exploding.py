@@ -24,6 +24,10 @@ Rules, each a finding of kind ``exploding`` whose evidence names the ``rule``:
    one of the first seven (batches of a sample or two swing that far on their own, but not all seven
    in a row, since a batch the model fits scores near 0). Training lowers the loss: a
    run whose loss climbs far above where it started is broken whatever its gradients look like.
+   With a chance level known, the same holds for a run that had learnt (the median of seven losses
+   below ``SETTLED_LOW`` of chance) and then scores more than ``RECOVER`` times chance on every one
+   of the last seven batches: worse than a model that knows nothing (an LR jumped mid-run; the rise
+   from the start misses it, since the init's loss is itself near chance).
    And (``error``, advice only: no automatic remedy) when the adapter knows the loss function's
    chance level (``StepStats.chance_loss``, ``ln C`` for a C-class cross-entropy), a first loss
    ``chance_ratio`` times that level, and the median of the first three too (one unlucky batch of
@@ -43,9 +47,15 @@ Rules, each a finding of kind ``exploding`` whose evidence names the ``rule``:
    and the run recovers. A step size that is really too large makes the next update large too,
    or leaves the loss stuck: ``RECOVERY_STEPS`` steps on still ``RECOVER`` times its level before
    the update and not down by half from its peak since (Adam at lr 1.0; the tutorial MLP at SGD 5
-   with a saturated softmax, whose gradients then go quiet). A first large update that the loss
-   takes well is how a small convex model starts under Adagrad or Adam. With an adapter that measures the update itself
-   (``StepStats.update_norm``), any weight tensor whose update exceeds ``max_update`` times its norm.
+   with a saturated softmax, whose gradients then go quiet), or, with a chance level known, leaves
+   it at chance: ``SETTLE_STEPS`` steps on, every one of the last seven losses at least
+   ``SETTLED_LOW`` of chance and their median at most ``RECOVER`` times it (Adam at a mistyped LR
+   with batches of a few samples: one update tens of times the weights, the loss up a
+   hundredfold and back down to ``ln C``, where it stays while the units are dead or the outputs
+   collapsed; a run that took such an update has batches well below chance by then). A first
+   large update that the loss takes well is how a small convex model starts under Adagrad or Adam.
+   With an adapter that measures the update itself (``StepStats.update_norm``), any weight tensor
+   whose update exceeds ``max_update`` times its norm.
 
 Learning-rate warm-up moves the norm by small factors over many steps; the EMA follows it.
 
@@ -87,6 +97,13 @@ this many steps on (and not down by half from its peak since): the run did not t
 RECOVERY_LIMIT = 20
 """Steps after which an update as large as the weights that neither recovered nor stuck is no
 longer followed (rule 5)."""
+SETTLE_STEPS = 4 * LOSS_WINDOW
+"""Steps after an update as large as the weights (that the loss rose from) at which the loss is
+judged against the chance level (rule 5): by then a run that took the update has batches well
+below chance, while one whose units died or whose outputs collapsed scores chance on every batch."""
+SETTLED_LOW = 0.75
+"""Every one of the last ``LOSS_WINDOW`` losses at least this share of the chance level (and their
+median at most ``RECOVER`` times it): the model scores what a model that knows nothing scores."""
 EARLY_STEPS = 5
 EARLY_LOSSES = 3
 """The losses whose median, with the first loss, judges the init against the chance level."""
@@ -146,6 +163,14 @@ class ExplodingState(NamedTuple):
     """The weights' norm before that update."""
     first_loss: float = math.nan
     """The run's first finite loss (rule 4: the init's alone)."""
+    settle_step: int = -1
+    """The step of a large update the loss rose from, followed until ``SETTLE_STEPS`` later to see
+    whether the loss settled at the chance level (rule 5); -1: none."""
+    settle_change: float = math.nan
+    """The change of the weights' norm that update made, as a share of it."""
+    learnt: bool = False
+    """The median of ``LOSS_WINDOW`` losses has been below ``SETTLED_LOW`` of the chance level: the
+    model learnt something (rule 4: a loss that then climbs above chance on every batch diverges)."""
 
 
 def exploding(
@@ -369,12 +394,16 @@ def _judge_loss(stats: StepStats, state: ExplodingState, findings: list[Finding]
     state = state._replace(losses=losses, loss_start=float(start), loss_first_max=float(first_max), losses_seen=seen,
                            first_loss=float(first))
     level = median(np.array(losses))
-    chance = stats.chance_loss
+    chance = stats.chance_loss or 0.0
+    known = chance > 0
+    learnt = state.learnt
+    if known and len(losses) == LOSS_WINDOW and level < SETTLED_LOW * chance:
+        state = state._replace(learnt=True)
     # The init is judged by the run's first loss (no update has touched it), confirmed by the
     # median of the first three: a loss that climbs far above chance after updates is the step
     # size's doing (rules 1, 2 and 5, and the rise below), not the init's.
     # A first loss chance_ratio**2 times chance is the init beyond doubt: said at once.
-    if chance is not None and chance > 0 and first > chance_ratio * chance and (
+    if known and first > chance_ratio * chance and (
             (seen == 1 and first > chance_ratio ** 2 * chance)
             or (seen == EARLY_LOSSES and first <= chance_ratio ** 2 * chance and level > chance_ratio * chance)):
         findings.append(_finding(
@@ -402,6 +431,21 @@ def _judge_loss(stats: StepStats, state: ExplodingState, findings: list[Finding]
             evidence={"rule": "loss_rise", "loss": level, "start_loss": start,
                       "clip_threshold": math.inf, "remedy": "lr"},
         ))
+    elif (learnt and known and len(losses) == LOSS_WINDOW and min(losses) > RECOVER * chance
+          and level > first_max):
+        # Worse than a model that knows nothing, on every one of the last batches, after the run had
+        # learnt: an LR jumped mid-run (the rise above is measured from the init's loss, itself
+        # near chance, so a run that had learnt can lose it all without rising that far).
+        findings.append(_finding(
+            "error" if level > 10 * loss_rise * chance else "warning", stats, (),
+            message=(
+                f"The loss rose to {level:.4g}, {level / chance:.3g}x what a model that knows nothing scores "
+                f"({chance:.3g}), on every recent batch, after the run had learnt: the steps are too large "
+                "and the run diverges. Lower the learning rate."
+            ),
+            evidence={"rule": "loss_rise", "loss": level, "start_loss": start, "chance_loss": chance,
+                      "clip_threshold": math.inf, "remedy": "lr"},
+        ))
     return state
 
 
@@ -419,6 +463,8 @@ def _weights_norm(stats: StepStats) -> float:
 
 def _judge_weights(stats: StepStats, state: ExplodingState, findings: list[Finding], max_update: float) -> ExplodingState:
     loss = stats.loss if stats.loss is not None and math.isfinite(stats.loss) else math.nan
+    before = len(findings)
+    state = _judge_settled(stats, state, findings, loss)
     if state.big_step >= 0 and math.isfinite(loss) and stats.step > state.big_step:
         peak = max(state.big_peak, loss) if math.isfinite(state.big_peak) else loss
         state = state._replace(big_peak=peak)
@@ -445,9 +491,37 @@ def _judge_weights(stats: StepStats, state: ExplodingState, findings: list[Findi
         elif big and state.big_step < 0 and math.isfinite(state.last_loss) and state.last_loss > 0:
             state = state._replace(big_step=stats.step, big_loss=state.last_loss, big_change=change,
                                    big_peak=loss if math.isfinite(loss) else math.nan, big_weights=previous)
+        if big and state.settle_step < 0 and len(findings) == before:
+            state = state._replace(settle_step=stats.step, settle_change=change)
     else:
         big = False
+    if len(findings) > before:  # said once: the update is not judged again at chance level
+        state = state._replace(settle_step=-1)
     return state._replace(weight_norm=weights, weight_step=stats.step, last_loss=loss, big_update=bool(big))
+
+
+def _judge_settled(stats: StepStats, state: ExplodingState, findings: list[Finding], loss: float) -> ExplodingState:
+    """Rule 5, the loss at chance: ``SETTLE_STEPS`` after a large update the loss rose from, every
+    one of the last ``LOSS_WINDOW`` losses is at least ``SETTLED_LOW`` of the chance level and their
+    median at most ``RECOVER`` times it. Adam at a mistyped LR with batches of a few samples makes
+    one update tens of times the weights, the loss leaps a hundredfold and comes back down, and
+    then stays at ``ln C``: its units died or its outputs collapsed, which no rule on the loss
+    before the update can tell from Adagrad's first step (the loss before was the init's, at
+    chance too). Adagrad's first step at a high LR also leaves the loss near chance for a dozen
+    steps, but a run that took it has batches well below chance by then."""
+    if state.settle_step < 0 or not math.isfinite(loss) or stats.step - state.settle_step < SETTLE_STEPS:
+        return state
+    chance = stats.chance_loss
+    window = np.array(state.losses)
+    if (chance is not None and chance > 0 and len(window) == LOSS_WINDOW
+            and window.min() >= SETTLED_LOW * chance and median(window) <= RECOVER * chance):
+        level = median(window)
+        findings.append(_big_update_finding(
+            stats, state.settle_change, math.nan, math.nan,
+            f", and {stats.step - state.settle_step} steps later the loss ({level:.4g}) sits at what a "
+            f"model that knows nothing scores ({chance:.3g}) on every batch: the units died or the outputs "
+            "collapsed"))
+    return state._replace(settle_step=-1)
 
 
 def _big_update_finding(stats: StepStats, change: float, previous: float, weights: float, why: str) -> Finding:

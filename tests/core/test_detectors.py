@@ -263,3 +263,90 @@ def test_losses_of_exactly_zero_then_a_positive_one_are_judged_without_dividing_
     spikes = _feed(detectors.loss_spike(), layout, rows)
     assert spikes[0].step == 70 and "exactly 0" in spikes[0].message
     _feed(detectors.exploding(), layout, rows)  # no ZeroDivisionError
+
+
+# Real runs of the zoo, first 31 steps: (losses, weights' norms), ln C = chance.
+ADAM_LR_1_45_BATCH_4 = (  # CNN on digits, Adam at a mistyped LR, batches of 4: its outputs collapse
+    [2.52, 278.61, 109.26, 4.93, 5.71, 3.79, 3.74, 2.25, 3.38, 3.21, 3.98, 2.24, 3.0, 8.8, 4.62, 4.63, 3.14,
+     3.43, 1.69, 3.43, 3.53, 3.23, 2.59, 3.35, 3.85, 3.26, 2.36, 2.47, 2.51, 2.39, 2.25],
+    [2.7, 54.6, 84.6, 109.6, 131.2, 150.3, 167.0, 181.8, 195.0, 206.7, 217.3, 226.7, 235.2, 242.8, 249.7,
+     256.0, 261.6, 266.8, 271.4, 275.6, 279.5, 279.5, 279.5, 279.5, 279.5, 279.5, 279.5, 279.5, 279.5, 279.5,
+     302.8],
+    np.log(10))
+ADAGRAD_LR_0_3_BATCH_128 = (  # CNN on digits, healthy: near chance for a dozen steps, then it learns
+    [2.31, 125.08, 35.38, 3.29, 2.35, 2.38, 2.78, 2.34, 2.5, 2.13, 1.91, 2.04, 1.85, 1.62, 1.73, 1.55, 1.71,
+     1.34, 1.44, 1.26, 1.23, 1.18, 1.08, 1.03, 1.14, 1.32, 1.17, 1.06, 1.14, 1.13, 0.99],
+    [4.0, 22.7, 27.2, 28.7, 29.6, 29.9, 30.1, 30.4, 30.6, 30.7, 30.7, 30.8, 30.9, 31.0, 31.0, 31.2, 31.2,
+     31.2, 31.3, 31.3, 31.4, 31.4, 31.4, 31.4, 31.4, 31.4, 31.4, 31.4, 31.4, 31.4, 31.8],
+    np.log(10))
+ADAGRAD_LR_0_8_BATCH_16 = (  # embedding model on breast_cancer, healthy: far above chance, fitting batches
+    [0.7, 5.59, 13.76, 64.21, 3.44, 3.05, 4.1, 15.7, 5.53, 2.75, 1.3, 5.79, 1.42, 39.65, 0.02, 0.0, 1.13, 13.48,
+     0.7, 0.36, 11.16, 19.53, 1.98, 2.48, 2.74, 2.18, 0.01, 0.0, 0.0, 0.15, 0.0],
+    [4.6, 38.6, 47.8, 50.8, 51.7, 51.4, 51.5, 51.5, 50.8, 50.9, 50.9, 50.9, 50.6, 50.9, 51.7, 51.7, 51.7, 51.7,
+     50.7, 50.7, 50.7, 50.7, 50.7, 50.7, 50.7, 50.7, 50.7, 50.7, 50.7, 50.7, 49.9],
+    np.log(2))
+
+
+@pytest.mark.parametrize(("run_stats", "chance_known", "expected"), [
+    (ADAM_LR_1_45_BATCH_4, True, [29]),
+    (ADAM_LR_1_45_BATCH_4, False, []),  # no chance level: nothing to tell chance from learning
+    (ADAGRAD_LR_0_3_BATCH_128, True, []),
+    (ADAGRAD_LR_0_8_BATCH_16, True, []),
+], ids=["adam-collapsed", "adam-no-chance", "adagrad-learns", "adagrad-fits-batches"])
+def test_exploding_large_update_then_the_loss_at_chance_on_every_batch(run_stats, chance_known, expected):
+    """One update tens of times the weights, the loss up a hundredfold and back down: Adagrad's
+    first step at a high LR and Adam's at a mistyped one look alike for a dozen steps. 28 steps on,
+    the run that took it has batches well below chance; the one whose outputs collapsed scores
+    ``ln C`` on every batch."""
+    from gradwatch import StepStats
+
+    losses, norms, chance = run_stats
+    layout = testing.make_layout(2)
+    det = detectors.exploding()
+    state = det.init(layout)
+    found = []
+    n = len(layout)
+    for step, (loss, weights) in enumerate(zip(losses, norms)):
+        stats = StepStats(step=step, layout=layout, grad_norm=np.full(n, 0.5), param_norm=np.full(n, weights / np.sqrt(n)),
+                          loss=loss, chance_loss=chance if chance_known else None)
+        new, state = det.update(stats, state)
+        found += new
+    assert [f.step for f in found] == expected
+    if expected:
+        assert found[0].evidence["rule"] == "update_ratio" and found[0].evidence["remedy"] == "lr"
+        assert "knows nothing" in found[0].message
+
+
+GRU_LR_JUMP_X244 = [  # GRU on digits, Adam; the LR x244 from step 59: worse than chance on every batch
+    2.27, 2.34, 2.28, 2.29, 2.3, 2.26, 2.31, 2.27, 2.27, 2.26, 2.22, 2.28, 2.23, 2.22, 2.21, 2.19, 2.27, 2.19, 2.18,
+    2.17, 2.18, 2.16, 2.17, 2.11, 2.15, 2.1, 2.06, 2.05, 2.04, 1.99, 2.02, 2.02, 1.96, 1.9, 1.82, 1.8, 1.81, 1.82,
+    1.86, 1.87, 1.73, 1.68, 1.82, 1.79, 1.95, 1.65, 1.54, 1.83, 1.66, 1.78, 1.62, 1.66, 1.75, 1.57, 1.56, 1.64,
+    1.38, 1.46, 1.54, 7.27, 6.77, 4.63, 4.43, 6.16, 9.02, 7.15, 5.68, 5.6, 6.94, 5.66, 5.73, 7.33]
+CNN_BATCH_OF_ONE = [  # healthy, SGD with batches of one sample: single batches far above chance, not all
+    2.42, 3.77, 4.01, 5.4, 0.16, 0.01, 0.04, 3.02, 11.03, 8.65, 6.56, 1.34, 1.0, 0.32, 0.65, 7.91, 5.49, 3.21, 7.27,
+    8.76, 6.42, 3.81, 1.32, 2.84, 2.32, 0.52, 1.39, 2.71, 1.72, 1.24, 2.56, 1.67, 1.86, 2.43, 1.25, 1.69, 1.43,
+    1.15, 2.44, 4.29]
+
+
+@pytest.mark.parametrize(("losses", "chance", "expected"), [
+    (GRU_LR_JUMP_X244, np.log(10), 69),
+    (GRU_LR_JUMP_X244, None, None),  # from the start (ln 10) it rose 3x: not the 3x on every batch of the rule
+    (CNN_BATCH_OF_ONE, np.log(10), None),
+], ids=["lr-jump", "lr-jump-no-chance", "batch-of-one"])
+def test_exploding_loss_above_chance_on_every_batch_after_the_run_had_learnt(losses, chance, expected):
+    """A run that learnt, then scores more than twice what a model that knows nothing scores on
+    every one of seven batches, diverges — although its loss stands under three times its start
+    (the init's, itself at chance)."""
+    from gradwatch import StepStats
+
+    layout = testing.make_layout(2)
+    det = detectors.exploding()
+    state = det.init(layout)
+    found = []
+    for step, loss in enumerate(losses):
+        new, state = det.update(StepStats(step=step, layout=layout, grad_norm=np.full(len(layout), 0.5), loss=loss,
+                                          chance_loss=chance), state)
+        found += [f for f in new if f.evidence["rule"] == "loss_rise"]
+    assert (found[0].step if found else None) == expected
+    if expected is not None:
+        assert found[0].evidence["remedy"] == "lr" and "after the run had learnt" in found[0].message

@@ -232,6 +232,32 @@ def test_a_relu_rnn_that_is_nan_at_step_1_is_an_explosion():
     assert "exploding" in report.kinds("warning")
 
 
+def _small_cnn(seed: int) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(),
+                         nn.Flatten(), nn.Linear(4 * 64, 10))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_adam_at_a_mistyped_lr_with_batches_of_four_is_found_when_the_loss_settles_at_chance(seed):
+    """One update tens of times the weights, the loss up a hundredfold and back down to ln 10,
+    where it stays: what Adagrad's first step at a high LR also looks like for a dozen steps. The
+    healthy run at a sane LR, same batches, has no ``exploding`` alarm."""
+    train, _ = digits()
+    images = TensorDataset(train.tensors[0][:400].reshape(-1, 1, 8, 8), train.tensors[1][:400])
+    cnn = _small_cnn(seed)
+    losses, report = fit(cnn, torch.optim.Adam(cnn.parameters(), lr=1.5), images, epochs=1, batch_size=4,
+                         watch={"policy": "observe"}, seed=seed)
+    assert report is not None and max(losses[:3]) > 50 * losses[0]
+    found = [f for f in report.findings if f.kind == "exploding" and f.severity == "warning"]
+    assert found and found[0].evidence["rule"] == "update_ratio" and "knows nothing" in found[0].message
+
+    sane = _small_cnn(seed)
+    _, report = fit(sane, torch.optim.Adam(sane.parameters(), lr=1e-3), images, epochs=1, batch_size=4,
+                    watch={"policy": "observe"}, seed=seed)
+    assert report is not None and "exploding" not in report.kinds("warning"), alarms(report)
+
+
 def test_adam_at_lr_1_from_step_0_is_found_and_rescued():
     train, test = digits()
     plain, sane = mlp(), mlp()
