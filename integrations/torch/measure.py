@@ -329,11 +329,11 @@ def measure_tensors(
             vectors += [_stacked_norms([params[i] for i in group]) for group in plan.param_groups]
         n_tail = len(scalars) - n_fixed
         parts = ([_stack(scalars, device)] if scalars else []) + [_to(v, device) for v in vectors]
-        flat = (torch.cat(parts) if len(parts) > 1 else parts[0]).cpu().numpy() if parts else np.zeros(0)
+        moved = (torch.cat(parts) if len(parts) > 1 else parts[0]).cpu().numpy() if parts else np.zeros(0)
     del grads, scalars, vectors, parts
     # float64, with one NaN after the end: every "not measured" entry gathers it (index -1).
-    host = np.empty(flat.size + 1)
-    host[:-1] = flat
+    host = np.empty(moved.size + 1)
+    host[:-1] = moved
     host[-1] = np.nan
     at_grad, at_zero, at_param, at_dead = plan.gather(n_tail, fresh_params)
     grad_norm = host[at_grad]
