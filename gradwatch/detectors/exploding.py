@@ -256,7 +256,8 @@ def exploding(
             if not state.nonfinite_before:
                 _after_growth(stats, state, findings, window, nan_growth)
             return findings, state._replace(nonfinite_before=True, pending=False)
-        state = _judge_weights(stats, state, findings, max_update)
+        weights = _weights_norm(stats)
+        state = _judge_weights(stats, state, findings, max_update, weights)
         if norm <= 0.0:
             return findings, state
         log_norm = math.log(norm)
@@ -332,7 +333,6 @@ def exploding(
         if state.seen + 1 <= warmup:  # the level the run starts at: the median of its first steps
             early = median(history[-min(filled, warmup):])
             early_max = log_norm if not math.isfinite(early_max) else max(early_max, log_norm)
-        weights = _weights_norm(stats)
         ratio_to_weights = norm / weights if math.isfinite(weights) and weights > 0 else state.last_ratio
         return findings, state._replace(
             seen=state.seen + 1, log_mean=float(log_mean), log_var=float(log_var), recent=recent, cursor=cursor,
@@ -388,12 +388,12 @@ def _judge_loss(stats: StepStats, state: ExplodingState, findings: list[Finding]
     losses = (state.losses + (loss,))[-LOSS_WINDOW:]
     start, first_max = state.loss_start, state.loss_first_max
     if math.isnan(start) and len(losses) == LOSS_WINDOW:
-        start, first_max = median(np.array(losses)), max(losses)
+        start, first_max = _median_of(losses), max(losses)
     seen = state.losses_seen + 1
     first = loss if seen == 1 else state.first_loss
     state = state._replace(losses=losses, loss_start=float(start), loss_first_max=float(first_max), losses_seen=seen,
                            first_loss=float(first))
-    level = median(np.array(losses))
+    level = _median_of(losses)
     chance = stats.chance_loss or 0.0
     known = chance > 0
     learnt = state.learnt
@@ -461,7 +461,8 @@ def _weights_norm(stats: StepStats) -> float:
     return float(np.sqrt(np.sum(stats.param_norm[weight] ** 2)))
 
 
-def _judge_weights(stats: StepStats, state: ExplodingState, findings: list[Finding], max_update: float) -> ExplodingState:
+def _judge_weights(stats: StepStats, state: ExplodingState, findings: list[Finding], max_update: float,
+                   weights: float) -> ExplodingState:
     loss = stats.loss if stats.loss is not None and math.isfinite(stats.loss) else math.nan
     before = len(findings)
     state = _judge_settled(stats, state, findings, loss)
@@ -477,7 +478,6 @@ def _judge_weights(stats: StepStats, state: ExplodingState, findings: list[Findi
                 f", and {since} steps later the loss ({loss:.4g}) is still {loss / state.big_loss:.3g}x what "
                 "it was before it"))
             state = state._replace(big_step=-1)
-    weights = _weights_norm(stats)
     if not math.isfinite(weights):
         return state
     previous, consecutive = state.weight_norm, state.weight_step == stats.step - 1
@@ -576,9 +576,12 @@ def _sustained_growth(history: np.ndarray, window: int, log_factor: float) -> in
         part = history[-span:]
         if len(part) < 4 or (span > window and len(part) < span):
             continue
-        rise = min(part[-2:]) - _start_level(part)
+        # The rise first (plain floats): on a healthy step it fails, and nothing else is computed.
+        rise = min(float(part[-1]), float(part[-2])) - _start_level(part)
+        if not rise > needed:
+            continue
         ups = np.count_nonzero(np.diff(part) > 0) / (len(part) - 1)
-        if rise > needed and ups >= 0.6 and part[-1] >= part.max():
+        if ups >= 0.6 and part[-1] >= part.max():
             return len(part)
     return 0
 
@@ -586,7 +589,17 @@ def _sustained_growth(history: np.ndarray, window: int, log_factor: float) -> in
 def _start_level(part: np.ndarray) -> float:
     """Where a span of log norms starts: the median of its first (up to) three values, leaving out
     the two newest that are being judged."""
-    return median(part[: max(1, min(3, len(part) - 2))])
+    return _median_of(part[: max(1, min(3, len(part) - 2))].tolist())
+
+
+def _median_of(values: tuple | list) -> float:
+    """:func:`~gradwatch.detectors.base.median` of a few finite floats, in plain Python (a handful
+    of values: cheaper than a numpy call)."""
+    ordered_values = sorted(values)
+    mid = len(ordered_values) // 2
+    if len(ordered_values) % 2:
+        return float(ordered_values[mid])
+    return float(0.5 * (ordered_values[mid - 1] + ordered_values[mid]))
 
 
 def _exploding_layers(
