@@ -188,6 +188,7 @@ class GradWatch(keras.callbacks.Callback):
             self._probe.install(self.monitor.controls, self._count)
             probe = self._probe
             probe.clip_in_program = math.isfinite(self.monitor.controls.clip_norm)
+            probe.lr_in_program = self.monitor.controls.lr_factor != 1.0
             every = resolve_rollback_every(self.rollback_every, self.monitor.policy, model.trainable_variables)
             self._rollbacks = KerasRollbacks(every, lambda: KerasSnapshot(model, probe.target, probe.owned))
             self._chance_loss = chance_loss_of(model)
@@ -198,7 +199,7 @@ class GradWatch(keras.callbacks.Callback):
             self._fit_batches0, self._fit_count0, self._loss_scale_skips = self._batches, self._count, 0
             self._started = self._done = self._batches
             # The train function was traced before this hook; trace it again with the probe in.
-            model.make_train_function(force=True)
+            probe.retrace()
         except Exception as exc:
             self.failsafe.fail(exc)
 
@@ -237,7 +238,7 @@ class GradWatch(keras.callbacks.Callback):
                 self._rollbacks_epoch += 1
             if controls is not None and controls != self._written:
                 probe.write_controls(controls)
-                probe.select_program(math.isfinite(controls.clip_norm))
+                probe.select_program(math.isfinite(controls.clip_norm), controls.lr_factor != 1.0)
                 self._written = controls
         except Exception as exc:
             self.failsafe.fail(exc)

@@ -13,7 +13,8 @@ compiled step (``tf.function``, XLA, ``jax.jit``):
 2. carries out the standing orders of :class:`gradwatch.Controls`, kept in a variable because a
    Python attribute is frozen at trace time: skip a non-finite step (weights, optimizer state and
    ``iterations`` unchanged), clip the global norm, scale the learning rate (the rate itself, not
-   the gradients, which would be wrong for Adam);
+   the gradients, which would be wrong for Adam; while the factor is 1 the optimizer reads the
+   user's own learning rate untouched, see :attr:`StepProbe.lr_in_program`);
 3. writes one row of statistics into a small ring of rows, read by the callback on the host.
 
 The ring, the step counter and the controls are tracked as variables of the optimizer for the
@@ -24,9 +25,10 @@ so checkpoints stay loadable without gradwatch, and untracked again when trainin
 
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -104,7 +106,15 @@ class StepProbe(ProbeReader):
         self.clip_in_program = False
         """XLA steps (``jax.jit``, TensorFlow with ``jit_compile``): the clipping is compiled in
         only while a clip level is in force (:meth:`select_program`)."""
-        self._programs: dict[bool, Any] = {}
+        self.lr_in_program = False
+        """The step runs the optimizer with gradwatch's learning rate (the user's times the
+        factor in the controls); set while the factor is not 1 (:meth:`select_program`). Else the
+        optimizer reads its own learning rate, untouched: multiplying by 1.0 is exact, but one
+        more multiplication (by a variable that holds 1) changes how Grappler and XLA rewrite the
+        arithmetic that reads the rate, and so its rounding (weight decay's
+        ``var - var * wd * lr`` with a ``LearningRateSchedule``: one unit in the last place, on
+        TensorFlow graph and XLA steps and under ``jax.jit``, that a diverging run grows)."""
+        self._programs: dict[tuple[bool, bool], Any] = {}
         if tap is not None and self.backend == "jax":
             tap.write_loss = self._write_loss_jax
         self.lock = threading.Lock()
@@ -383,20 +393,18 @@ class StepProbe(ProbeReader):
         same graph from the gradient to the update as unwatched (bit for bit the same step)."""
         ops = self.keras.ops
         target = self.target
-        user_rate = target._learning_rate
         grads = plan["grads"]
 
         def run(scaled: list[Any]) -> None:
-            object.__setattr__(target, "_learning_rate", _ScaledLearningRate(plan["rate"]))
             # One replica: Keras's all-reduce is an identity (an IdentityN op). Grappler removes
             # it in the step's own graph, but not inside a cond branch, where it would keep the
             # gradient's last op from being rewritten with the update as it is unwatched.
             previous = target.__dict__.get("_all_reduce_sum_gradients")
             object.__setattr__(target, "_all_reduce_sum_gradients", list)
             try:
-                self._original_apply(scaled, trainable_variables)
+                with self._rate_in_force(plan["rate"]):
+                    self._original_apply(scaled, trainable_variables)
             finally:
-                object.__setattr__(target, "_learning_rate", user_rate)
                 if previous is None:
                     target.__dict__.pop("_all_reduce_sum_gradients", None)
                 else:
@@ -436,39 +444,92 @@ class StepProbe(ProbeReader):
             v for v in target.variables if not any(v is mine for mine in self.owned)
         ]
         before = [ops.convert_to_tensor(v) for v in state]
-        user_rate = target._learning_rate
-        object.__setattr__(target, "_learning_rate", _ScaledLearningRate(plan["rate"]))
-        try:
+        with self._rate_in_force(plan["rate"]):
             self._original_apply(grads, trainable_variables)
-        finally:
-            object.__setattr__(target, "_learning_rate", user_rate)
         after = [ops.convert_to_tensor(v) for v in state]
         kept = ops.cond(plan["skip"], lambda: before, lambda: after)
         for variable, value in zip(state, kept):
             variable.assign(value)
 
-    def select_program(self, clip: bool) -> bool:
-        """XLA steps: use the train function compiled with (``clip=True``) or without the clipping,
-        tracing it on first use. Called between steps when a clip level comes into force or is
-        lifted.
+    @contextlib.contextmanager
+    def _rate_in_force(self, rate: Any) -> Iterator[None]:
+        """The learning rate the optimizer reads during one ``apply``: gradwatch's ``rate`` (the
+        user's times the factor) while :attr:`lr_in_program`, else the user's own, untouched."""
+        if not self.lr_in_program:
+            yield
+            return
+        target = self.target
+        user_rate = target._learning_rate
+        object.__setattr__(target, "_learning_rate", _ScaledLearningRate(rate))
+        try:
+            yield
+        finally:
+            object.__setattr__(target, "_learning_rate", user_rate)
+
+    def _program_key(self) -> tuple[bool, bool]:
+        return (self.clip_in_program and self.xla_program, self.lr_in_program)
+
+    def select_program(self, clip: bool, scale_lr: bool) -> bool:
+        """Compile in only the remedies in force: under XLA the clipping while a clip level is in
+        force, in any traced step the learning-rate factor while it is not 1
+        (:attr:`lr_in_program`). A traced train function (``tf.function``, XLA, ``jax.jit``,
+        ``torch.compile``) is swapped for the one compiled with them, traced on first use; an
+        eager step reads the flags on its next call. Called between steps when the controls
+        change.
 
         Args:
             clip: A clip level is in force.
+            scale_lr: The learning-rate factor in force is not 1.
 
         Returns:
             True when the train function changed.
         """
-        if not self.xla_program or clip == self.clip_in_program:
+        before = self._program_key()
+        self.clip_in_program, self.lr_in_program = clip, scale_lr
+        after = self._program_key()
+        if not self.traced_program or after == before:
             return False
         model = self.model
-        self._programs[self.clip_in_program] = model.train_function
-        self.clip_in_program = clip
-        cached = self._programs.get(clip)
+        self._programs[before] = model.train_function
+        cached = self._programs.get(after)
         if cached is not None:
             model.train_function = cached
         else:
-            model.make_train_function(force=True)
+            self.retrace()
         return True
+
+    def retrace(self) -> None:
+        """``model.make_train_function(force=True)``, traced anew on JAX too: ``jax.jit`` keeps
+        one trace per function and argument shapes, and the model's ``train_step``, a bound
+        method, compares equal to the one it traced before, so the new train function would run
+        the old trace (without the probe, or with the remedies compiled in as they were then).
+        A function of its own makes the new train function trace the step on its first call."""
+        model = self.model
+        if self.backend != "jax":
+            model.make_train_function(force=True)
+            return
+        bound = model.train_step
+        previous = model.__dict__.get("train_step")
+
+        def train_step(state: Any, data: Any) -> Any:
+            return bound(state, data)
+
+        object.__setattr__(model, "train_step", train_step)
+        try:
+            model.make_train_function(force=True)
+        finally:
+            if previous is None:
+                model.__dict__.pop("train_step", None)
+            else:
+                object.__setattr__(model, "train_step", previous)
+
+    @property
+    def traced_program(self) -> bool:
+        """The train function is traced once and then runs as compiled (``tf.function``, XLA,
+        ``jax.jit``, ``torch.compile``): Python attributes are read at trace time only."""
+        if getattr(self.model, "run_eagerly", False):
+            return False
+        return self.backend == "tensorflow" or bool(getattr(self.model, "jit_compile", False))
 
     @property
     def xla_program(self) -> bool:
@@ -479,7 +540,6 @@ class StepProbe(ProbeReader):
 
     def _steer(self, plan: dict[str, Any], trainable_variables: Sequence[Any] | None) -> Any:
         ops = self.keras.ops
-        target = self.target
         if self.backend == "torch":
             import torch
 
@@ -509,15 +569,10 @@ class StepProbe(ProbeReader):
         else:  # JAX without jit: eager, op by op
             do_clip = bool(plan["do_clip"])
             scaled = [g if g is None or not do_clip else self._scale(g, plan["scale"]) for g in plan["grads"]]
-        user_rate = target._learning_rate
-        scaled_rate = _ScaledLearningRate(plan["rate"])
 
         def run() -> None:
-            object.__setattr__(target, "_learning_rate", scaled_rate)
-            try:
+            with self._rate_in_force(plan["rate"]):
                 self._original_apply(scaled, trainable_variables)
-            finally:
-                object.__setattr__(target, "_learning_rate", user_rate)
 
         if self.backend == "jax":
             # jit_compile=False: eager, op by op; a compiled cond would round differently.
@@ -531,11 +586,8 @@ class StepProbe(ProbeReader):
         # TensorFlow under MirroredStrategy: a cond around Keras's merge_call must be taken
         # across replicas.
         def run_replica(grads: Any, variables: Any, rate: Any) -> None:
-            object.__setattr__(target, "_learning_rate", _ScaledLearningRate(rate))
-            try:
+            with self._rate_in_force(rate):
                 self._original_apply(grads, variables)
-            finally:
-                object.__setattr__(target, "_learning_rate", user_rate)
 
         strategy.apply_unless(plan["skip"], run_replica, scaled, trainable_variables, plan["rate"])
         return None
