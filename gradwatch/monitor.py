@@ -164,6 +164,7 @@ class Monitor:
         decision.findings = findings
         self._controls = _final_controls(decision, policy_factor)
         decision.controls, decision.lr_factor = self._controls, self._controls.lr_factor
+        decision.hold_snapshots = any(d.holds is not None and d.holds(s) for d, s in zip(self.detectors, states))
         self._record(stats, findings, decision)
         self.hooks.on_step(stats, decision, self)
         return decision

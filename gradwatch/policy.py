@@ -59,6 +59,9 @@ class Decision:
         controls: The standing orders after this step.
         findings: The step's findings (the Monitor fills them in): adapters keep rollback
             snapshots only of steps without a warning or an error.
+        hold_snapshots: A detector follows something whose outcome is not known yet (an update
+            as large as the weights): no rollback snapshot on this step either (the Monitor
+            fills it in from :attr:`gradwatch.detectors.Detector.holds`).
     """
 
     step: int
@@ -69,6 +72,7 @@ class Decision:
     actions: list[Action] = field(default_factory=list)
     controls: Controls = field(default_factory=Controls)
     findings: list[Finding] = field(default_factory=list)
+    hold_snapshots: bool = False
 
     @property
     def alarm(self) -> bool:
@@ -77,15 +81,15 @@ class Decision:
 
     def healthy_after(self, stats: StepStats) -> bool:
         """The step may be followed by a rollback snapshot: finite gradients and parameters, no
-        alarm, and left alone (no skip, rollback, clip or other action). The one rule every
-        adapter's snapshots use.
+        alarm, no detector holding the snapshots, and left alone (no skip, rollback, clip or other
+        action). The one rule every adapter's snapshots use.
 
         Args:
             stats: The step's statistics.
         """
         return bool(
             stats.finite and not stats.params_nonfinite.any() and not self.skip and not self.rollback
-            and self.clip_norm is None and not self.alarm and not self.actions
+            and self.clip_norm is None and not self.alarm and not self.actions and not self.hold_snapshots
         )
 
 

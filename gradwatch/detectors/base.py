@@ -31,11 +31,16 @@ class Detector(NamedTuple):
         kind: The finding kind it reports (``"exploding"``).
         init: ``init(layout) -> state``.
         update: ``update(stats, state) -> (findings, state)``.
+        holds: ``holds(state) -> bool``, optional: True while the detector follows something
+            whose outcome is not known yet (``exploding`` after an update as large as the
+            weights). Adapters take no rollback snapshot then (:attr:`gradwatch.Decision.hold_snapshots`):
+            a rollback called later must restore the parameters from before it.
     """
 
     kind: str
     init: InitFn
     update: UpdateFn
+    holds: Callable[[Any], bool] | None = None
 
 
 def state_to_dict(state: Any) -> dict[str, Any]:

@@ -340,7 +340,12 @@ def exploding(
             nonfinite_before=False, last_ratio=float(ratio_to_weights),
         )
 
-    return Detector("exploding", init, update)
+    def holds(state: ExplodingState) -> bool:
+        # Following an update as large as the weights (rule 5): the snapshot a later rollback
+        # restores must be from before it.
+        return state.big_step >= 0 or state.settle_step >= 0
+
+    return Detector("exploding", init, update, holds)
 
 
 # -- rule 3: an explosion that ends in NaN -----------------------------------------------------------

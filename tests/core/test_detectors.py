@@ -214,6 +214,27 @@ def test_exploding_updates_as_large_as_the_weights(norms, losses, expected):
     assert [f.step for f in found if f.evidence["rule"] == "update_ratio"] == expected
 
 
+def test_exploding_holds_the_snapshots_while_it_follows_a_large_update():
+    """From the update as large as the weights until its outcome is known (the loss took it, or
+    the finding is made), the Monitor's decisions say no rollback snapshot may be taken."""
+    from gradwatch import Monitor
+
+    layout = testing.make_layout(2)
+    from gradwatch.detectors.exploding import SETTLE_STEPS
+
+    steps = SETTLE_STEPS + 6
+    norms = [1.0] + [5.9 + 0.01 * t for t in range(steps - 1)]
+    losses = [2.3, 5.5, 5.0] + [0.8] * (steps - 3)  # Adagrad at a high LR: the loss comes back
+    monitor = Monitor(policy="observe")
+    held = [monitor.observe(_stats(step, layout, weights=w, loss=x)).hold_snapshots
+            for step, (w, x) in enumerate(zip(norms, losses))]
+    assert not monitor.findings()
+    # Held from the large update (step 1) until SETTLE_STEPS later, when the loss is judged.
+    assert held == [False] + [True] * SETTLE_STEPS + [False] * (steps - 1 - SETTLE_STEPS)
+    calm = Monitor(policy="observe")
+    assert not any(calm.observe(s).hold_snapshots for s in testing.healthy(steps=60))
+
+
 def test_exploding_loss_rise_needs_every_recent_batch_above_it():
     """Batches of one or two samples: the median of seven losses wanders 5x up while a batch the
     model fits still scores near 0. A divergence lifts every batch."""

@@ -258,6 +258,23 @@ def test_adam_at_a_mistyped_lr_with_batches_of_four_is_found_when_the_loss_settl
     assert report is not None and "exploding" not in report.kinds("warning"), alarms(report)
 
 
+def test_adam_at_a_mistyped_lr_with_batches_of_four_is_rescued_from_before_its_first_update():
+    """Found 28 steps after the update that wrecked it: the snapshots were held while the update
+    was followed, so the rollback restores the initial weights (not a later, already wrecked
+    copy) and the run at the lowered LR learns as one at a sane LR does."""
+    train, test = digits()
+    images = TensorDataset(train.tensors[0].reshape(-1, 1, 8, 8), train.tensors[1])
+    held_out = TensorDataset(test.tensors[0].reshape(-1, 1, 8, 8), test.tensors[1])
+    broken, sane = _small_cnn(0), _small_cnn(0)
+    _, report = fit(broken, torch.optim.Adam(broken.parameters(), lr=1.5), images, epochs=2, batch_size=4,
+                    watch={"policy": "auto"})
+    fit(sane, torch.optim.Adam(sane.parameters(), lr=1e-3), images, epochs=2, batch_size=4)
+    assert report is not None
+    rollbacks = [a for a in report.actions if a.kind == "rollback"]
+    assert rollbacks and rollbacks[0].step >= 20
+    assert accuracy(broken, held_out) >= 0.9 * accuracy(sane, held_out) > 0.8
+
+
 def test_adam_at_lr_1_from_step_0_is_found_and_rescued():
     train, test = digits()
     plain, sane = mlp(), mlp()
