@@ -25,6 +25,12 @@ from gradwatch.sinks.announce import Announcer
 from gradwatch.stats import Layout, StepStats
 
 STATE_VERSION = 1
+START_LOSSES = 7
+"""The run's first finite losses whose median is where it started: a run is "rescued" only when
+the median of its last losses is below ``START_MARGIN`` of it."""
+START_MARGIN = 0.9
+"""Down by a tenth at least: a run back at its starting loss, give or take its batches' noise, has
+not been rescued."""
 
 
 class Monitor:
@@ -109,6 +115,8 @@ class Monitor:
         self._last_step = -1
         self._skipped_by_framework: deque[tuple[int, str]] = deque(maxlen=self.max_actions)
         self._skipped_count = 0
+        self._start_losses: list[float] = []
+        """The run's first finite losses (up to START_LOSSES): where it started, for "rescued"."""
         self._history = History(self.history)
         self._layer_names: tuple[str, ...] = ()
 
@@ -216,6 +224,8 @@ class Monitor:
             if self.announcer is not None and self.hooks.speaks:
                 self.announcer.write_action(a, self)
         self._history.record(stats, decision.lr_factor)
+        if len(self._start_losses) < START_LOSSES and stats.loss is not None and math.isfinite(stats.loss):
+            self._start_losses.append(float(stats.loss))
 
     def _layer_history(self, keep: np.ndarray) -> np.ndarray:
         """Per-layer gradient norms (kept steps x layers): NaN for a layer without gradient on
@@ -298,7 +308,8 @@ class Monitor:
         )
 
     def _rescued(self) -> bool:
-        """Remedies were applied and the last ``max(20, 10%)`` measured steps were healthy."""
+        """Remedies were applied, the last ``max(20, 10%)`` measured steps were healthy, and their
+        loss (when known) is below where the run started."""
         if self.healthy or not any(k in self._action_counts for k in ("clip", "skip_step", "lr_decay", "rollback")):
             return False
         quiet = max(20, self._measured // 10)
@@ -312,7 +323,13 @@ class Monitor:
         if len(recent) < quiet or last_alarm >= recent[0]:
             return False
         recent_loss = losses[-quiet:]
-        return bool(np.all(np.isfinite(recent_loss)) or np.all(np.isnan(recent_loss)))
+        if np.all(np.isnan(recent_loss)):
+            return True  # no loss recorded: the gradients' health is all there is to go on
+        if not np.all(np.isfinite(recent_loss)):
+            return False
+        # Quiet is not rescued: a run rolled back into a dead end (units dead, the loss at chance)
+        # raises no alarm either. The loss must have come down from where the run started.
+        return not self._start_losses or float(np.median(recent_loss)) < START_MARGIN * float(np.median(self._start_losses))
 
     def finish(self) -> Report:
         """The final report, also handed to every ``gradwatch_on_report`` plugin."""
@@ -351,6 +368,7 @@ class Monitor:
             "last_step": self._last_step,
             "skipped": [list(x) for x in self._skipped_by_framework],
             "skipped_count": self._skipped_count,
+            "start_losses": list(self._start_losses),
             "history": self._history.state_dict(),
         }
 
@@ -406,6 +424,7 @@ class Monitor:
         self._last_step = state["last_step"]
         self._skipped_by_framework.extend((int(s), str(r)) for s, r in state["skipped"])
         self._skipped_count = state["skipped_count"]
+        self._start_losses = [float(x) for x in state.get("start_losses", [])]  # absent before 0.1
         self._history.load_state_dict(state["history"], None if self.layout is None else len(self.layout))
 
 

@@ -93,7 +93,8 @@ class Report:
             ``layer_names`` and ``layer_grad_norm`` (steps x layers).
         rescued: gradwatch changed the run (skip, clip, LR, rollback) and its last steps were
             healthy: no finding of severity warning or error and a finite loss over the last
-            ``max(20, 10%)`` measured steps. ``healthy`` stays False: the findings were real.
+            ``max(20, 10%)`` measured steps, whose median is below 0.9x the median of the run's first
+            seven losses (when losses are recorded). ``healthy`` stays False: the findings were real.
     """
 
     healthy: bool

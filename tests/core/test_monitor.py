@@ -168,3 +168,24 @@ def test_summary_reads_well():
     assert "grad/param" in text and "fc2" in text
     assert "[error] nonfinite at step 10" in text
     assert "skip_step at step 10" in text
+
+
+@pytest.mark.parametrize(("after", "rescued"), [(0.4, True), (2.3, False)])
+def test_rescued_needs_the_loss_below_where_the_run_started(after, rescued):
+    """A NaN batch skipped at step 10, then 40 quiet steps: rescued when the loss has come down
+    from the run's first losses; a run sitting at its starting loss (a rollback into a dead end,
+    the loss at chance) is quiet but not rescued."""
+    layout = testing.make_layout(3)
+    monitor = Monitor(policy="auto")
+    rng = np.random.default_rng(0)
+    for step in range(50):
+        grad = np.full(len(layout), np.nan if step == 10 else 0.1 * (1 + 0.05 * rng.standard_normal()))
+        loss = float("nan") if step == 10 else (2.3 if step < 10 else after) * (1 + 0.01 * rng.standard_normal())
+        monitor.observe(StepStats(step=step, layout=layout, grad_norm=grad, loss=loss))
+    report = monitor.report()
+    assert report.action_counts.get("skip_step") == 1
+    assert report.rescued is rescued
+    assert report.verdict() == ("RESCUED" if rescued else "UNHEALTHY")
+    restored = Monitor(policy="auto")
+    restored.load_state_dict(json.loads(json.dumps(monitor.state_dict())))
+    assert restored.report().rescued is rescued
