@@ -424,7 +424,7 @@ class Monitor:
         self._last_step = state["last_step"]
         self._skipped_by_framework.extend((int(s), str(r)) for s, r in state["skipped"])
         self._skipped_count = state["skipped_count"]
-        self._start_losses = [float(x) for x in state.get("start_losses", [])]  # absent before 0.1
+        self._start_losses = [float(x) for x in state.get("start_losses", [])]  # absent from older states
         self._history.load_state_dict(state["history"], None if self.layout is None else len(self.layout))
 
 

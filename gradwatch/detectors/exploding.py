@@ -79,7 +79,15 @@ from typing import NamedTuple
 
 import numpy as np
 
-from gradwatch.detectors.base import Detector, check_positive, ema, median, ordered, push
+from gradwatch.detectors.base import (
+    Detector,
+    check_positive,
+    ema,
+    median,
+    median_of_few,
+    ordered,
+    push,
+)
 from gradwatch.findings import Finding
 from gradwatch.stats import Layout, StepStats
 
@@ -393,12 +401,12 @@ def _judge_loss(stats: StepStats, state: ExplodingState, findings: list[Finding]
     losses = (state.losses + (loss,))[-LOSS_WINDOW:]
     start, first_max = state.loss_start, state.loss_first_max
     if math.isnan(start) and len(losses) == LOSS_WINDOW:
-        start, first_max = _median_of(losses), max(losses)
+        start, first_max = median_of_few(losses), max(losses)
     seen = state.losses_seen + 1
     first = loss if seen == 1 else state.first_loss
     state = state._replace(losses=losses, loss_start=float(start), loss_first_max=float(first_max), losses_seen=seen,
                            first_loss=float(first))
-    level = _median_of(losses)
+    level = median_of_few(losses)
     chance = stats.chance_loss or 0.0
     known = chance > 0
     learnt = state.learnt
@@ -517,10 +525,10 @@ def _judge_settled(stats: StepStats, state: ExplodingState, findings: list[Findi
     if state.settle_step < 0 or not math.isfinite(loss) or stats.step - state.settle_step < SETTLE_STEPS:
         return state
     chance = stats.chance_loss
-    window = np.array(state.losses)
+    window = state.losses
+    level = median_of_few(window) if window else math.nan
     if (chance is not None and chance > 0 and len(window) == LOSS_WINDOW
-            and window.min() >= SETTLED_LOW * chance and median(window) <= RECOVER * chance):
-        level = median(window)
+            and min(window) >= SETTLED_LOW * chance and level <= RECOVER * chance):
         findings.append(_big_update_finding(
             stats, state.settle_change, math.nan, math.nan,
             f", and {stats.step - state.settle_step} steps later the loss ({level:.4g}) sits at what a "
@@ -594,17 +602,7 @@ def _sustained_growth(history: np.ndarray, window: int, log_factor: float) -> in
 def _start_level(part: np.ndarray) -> float:
     """Where a span of log norms starts: the median of its first (up to) three values, leaving out
     the two newest that are being judged."""
-    return _median_of(part[: max(1, min(3, len(part) - 2))].tolist())
-
-
-def _median_of(values: tuple | list) -> float:
-    """:func:`~gradwatch.detectors.base.median` of a few finite floats, in plain Python (a handful
-    of values: cheaper than a numpy call)."""
-    ordered_values = sorted(values)
-    mid = len(ordered_values) // 2
-    if len(ordered_values) % 2:
-        return float(ordered_values[mid])
-    return float(0.5 * (ordered_values[mid - 1] + ordered_values[mid]))
+    return median_of_few(part[: max(1, min(3, len(part) - 2))].tolist())
 
 
 def _exploding_layers(

@@ -178,6 +178,8 @@ class _Plan:
         unit_tensors = self.row_single + [i for members in self.row_groups for i in members]
         self.dead_at = np.array(unit_tensors, dtype=np.intp)
         unit_rows = [int(dense[i].shape[0]) for i in unit_tensors]
+        self.unit_rows = unit_rows
+        """Per row tensor of ``dead_at``, its number of units (rows)."""
         self.host_units = host_units
         """True: the row norms cross to the host and the streaks are kept in numpy (on the CPU)."""
         if host_units:  # every row norm, in the order of ``dead_at``
@@ -389,8 +391,7 @@ def measure_tensors(
 
 
 def _start_streaks(plan: _Plan) -> list[int]:
-    sizes = [int(plan.rows[i]) for i in plan.dead_at]
-    return [v for part, k in zip(plan.start_streaks, sizes) for v in (part if len(part) == k else [0] * k)]
+    return [v for part, k in zip(plan.start_streaks, plan.unit_rows) for v in (part if len(part) == k else [0] * k)]
 
 
 def _host_dead_units(plan: _Plan, rows: np.ndarray) -> np.ndarray:
@@ -409,10 +410,9 @@ def _dead_units(plan: _Plan, units: list[torch.Tensor], device: torch.device) ->
     rows = torch.cat([_to(u, device) for u in units])
     if (not isinstance(plan.streak, torch.Tensor) or plan.streak.shape != rows.shape
             or plan.streak.device != rows.device):
-        sizes = [int(plan.rows[i]) for i in plan.dead_at]
         plan.streak = torch.tensor(_start_streaks(plan), dtype=torch.int32, device=rows.device)
         plan.unit_segments = torch.repeat_interleave(torch.arange(len(plan.dead_at), device=rows.device),
-                                                     torch.tensor(sizes, device=rows.device))
+                                                     torch.tensor(plan.unit_rows, device=rows.device))
     # A step with no gradient anywhere in these tensors (a batch fitted to zero loss) says nothing
     # about units: the streaks stay as they are (so does a non-finite step: its sum is NaN).
     live = rows.sum() > 0
@@ -431,8 +431,7 @@ def unit_streaks(tp: TorchParams) -> dict[str, list[int]]:
             continue
         values = plan.streak.tolist() if isinstance(plan.streak, np.ndarray) else plan.streak.cpu().tolist()
         at = 0
-        for i in plan.dead_at:
-            k = int(plan.rows[i])
+        for i, k in zip(plan.dead_at, plan.unit_rows):
             out[tp.layout.names[i]] = values[at:at + k]
             at += k
     return out
