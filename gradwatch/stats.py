@@ -253,6 +253,10 @@ class StepStats:
         chance_loss: The loss of a model that has learnt nothing about its input, when the adapter
             knows the loss function: ``ln C`` for a C-class cross-entropy, ``ln 2`` for a binary
             one. Gives the loss an absolute scale from step 0. Defaults to None (unknown).
+        null_loss: The loss of a model whose outputs are all zero, estimated from the targets of the
+            run's first batches, when the adapter knows the loss function but it has no chance
+            level: the mean squared target for a mean squared error. Judges the init's loss
+            (a regression net whose outputs are far too large). Defaults to None (unknown).
 
     Raises:
         ValueError: if an array does not have one entry per tensor.
@@ -277,6 +281,7 @@ class StepStats:
     loss: float | None = None
     lr: float | None = None
     chance_loss: float | None = None
+    null_loss: float | None = None
 
     def __post_init__(self) -> None:
         n = len(self.layout)
@@ -299,6 +304,7 @@ class StepStats:
         self.loss = float(self.loss) if self.loss is not None else None
         self.lr = float(self.lr) if self.lr is not None else None
         self.chance_loss = float(self.chance_loss) if self.chance_loss is not None else None
+        self.null_loss = float(self.null_loss) if self.null_loss is not None else None
 
     @cached_property
     def finite(self) -> bool:
@@ -344,6 +350,7 @@ class StepStats:
             "loss": self.loss,
             "lr": self.lr,
             "chance_loss": self.chance_loss,
+            "null_loss": self.null_loss,
         })
 
 

@@ -179,6 +179,8 @@ class ExplodingState(NamedTuple):
     learnt: bool = False
     """The median of ``LOSS_WINDOW`` losses has been below ``SETTLED_LOW`` of the chance level: the
     model learnt something (rule 4: a loss that then climbs above chance on every batch diverges)."""
+    init_judged: bool = False
+    """The first losses have been judged against the chance (or null) level (rule 4, the init)."""
 
 
 def exploding(
@@ -416,17 +418,34 @@ def _judge_loss(stats: StepStats, state: ExplodingState, findings: list[Finding]
     # median of the first three: a loss that climbs far above chance after updates is the step
     # size's doing (rules 1, 2 and 5, and the rise below), not the init's.
     # A first loss chance_ratio**2 times chance is the init beyond doubt: said at once.
-    if known and first > chance_ratio * chance and (
-            (seen == 1 and first > chance_ratio ** 2 * chance)
-            or (seen == EARLY_LOSSES and first <= chance_ratio ** 2 * chance and level > chance_ratio * chance)):
+    # Without a chance level, a null level estimated from the targets (a squared error's mean
+    # squared target, StepStats.null_loss) judges the same first losses once it is known, at the
+    # square of the ratio: an estimate from a few rows is not ln C.
+    null = stats.null_loss or 0.0
+    reference, ratio = (chance, chance_ratio) if known else (null, chance_ratio ** 2)
+    verdict = None
+    if not state.init_judged and reference > 0:
+        if known and seen == 1 and first > chance_ratio ** 2 * chance:
+            verdict = first
+        elif seen >= EARLY_LOSSES:
+            # The first three are still the window's oldest while seen <= LOSS_WINDOW.
+            early = median_of_few(losses[:EARLY_LOSSES]) if seen <= LOSS_WINDOW else math.nan
+            if (first > ratio * reference and early > ratio * reference
+                    and (not known or first <= chance_ratio ** 2 * chance)):
+                verdict = early
+        if verdict is not None or seen >= EARLY_LOSSES:
+            state = state._replace(init_judged=True)
+    if verdict is not None:
+        what = "a model that knows nothing" if known else "a model that outputs zeros"
         findings.append(_finding(
             "error", stats, (),
             message=(
-                f"The loss is {level:.4g}, {level / chance:.0f}x what a model that knows nothing scores "
-                f"({chance:.3g}): the outputs are far too large. Check the initialisation scale and "
+                f"The loss is {verdict:.4g}, {verdict / reference:.0f}x what {what} scores "
+                f"({reference:.3g}): the outputs are far too large. Check the initialisation scale and "
                 "lower the learning rate."
             ),
-            evidence={"rule": "loss_over_chance", "loss": level, "chance_loss": chance,
+            evidence={"rule": "loss_over_chance", "loss": verdict,
+                      ("chance_loss" if known else "null_loss"): reference,
                       "clip_threshold": math.inf, "remedy": "report"},
         ))
     elif (len(losses) == LOSS_WINDOW and math.isfinite(start) and start > 0 and min(losses) > loss_rise * start

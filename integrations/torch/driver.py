@@ -53,6 +53,7 @@ from gradwatch.stats import StepStats
 from . import distributed as torch_distributed
 from .layout import LayerNames, TorchParams, build_layout, unwrap
 from .measure import load_unit_streaks, measure, unit_streaks
+from .null_level import NullLevel
 from .remedies import LRScale, Rollbacks, apply_decision, clip_grads
 
 Clip = Callable[[TorchParams, float, Any, bool], None]
@@ -181,6 +182,9 @@ class StepDriver:
         self.output_classes: int | None = None
         """The width of the model's 2-D output, when an adapter saw it (for ``chance_loss``)."""
         self._chance_checked = False
+        self.null = NullLevel()
+        """The mean squared target of the first batches, for a mean-squared-error loss
+        (``StepStats.null_loss``); fed by :meth:`see_output` and the recorded losses."""
         self._param_boost_until = EARLY_PARAM_STEPS
         self._match_monitor_layout()
         self.step = 0
@@ -240,9 +244,17 @@ class StepDriver:
         self._loss_count += 1
 
     def learn_loss_function(self, loss: torch.Tensor) -> None:
-        """Read the loss function off the first loss tensor seen (with its autograd graph): a
-        cross-entropy gives the loss an absolute scale from step 0 (``StepStats.chance_loss``).
-        Only the first call reads the graph; later ones return at once."""
+        """Read the loss function off the loss tensors seen (with their autograd graph): a
+        cross-entropy gives the loss an absolute scale from step 0 (``StepStats.chance_loss``,
+        from the first loss only), a mean squared error the mean squared target of the first
+        batches (``StepStats.null_loss``, pooled over a few steps: :mod:`.null_level`). After that
+        the call returns at once."""
+        if self.null.learning:
+            try:
+                self.null.see_loss(loss)
+            except Exception:  # a graph we cannot read: no null level, nothing else changes
+                self.null = NullLevel()
+                self.null.learning = False
         if self._chance_checked:
             return
         self._chance_checked = True
@@ -250,6 +262,19 @@ class StepDriver:
             self.chance_loss = chance_loss_of(loss, self.output_classes)
         except Exception:  # a graph we cannot read: no chance level, nothing else changes
             self.chance_loss = None
+
+    def see_output(self, output: Any) -> None:
+        """The model's output of a forward pass (an adapter's forward hook): its width for the
+        chance level, and, for the first steps, the tensor and its gradient for the null level.
+        :attr:`wants_outputs` says when the adapter may remove its hook."""
+        if self.output_classes is None and isinstance(output, torch.Tensor) and output.dim() == 2:
+            self.output_classes = int(output.shape[1])
+        self.null.see_output(output)
+
+    @property
+    def wants_outputs(self) -> bool:
+        """False once :meth:`see_output` has nothing more to learn."""
+        return self.output_classes is None or self.null.learning
 
     def apply_lr(self, optimizer: torch.optim.Optimizer) -> None:
         """Scale ``optimizer``'s LR by the factor in force until :meth:`restore_lr` (call it
@@ -286,6 +311,8 @@ class StepDriver:
         """
         step = self.step
         self.step += 1
+        if self.null.learning:
+            self.null.end_step()
         recorded, count = self._loss, self._loss_count
         self._loss, self._loss_count = None, 0
         if loss is None:
@@ -314,6 +341,7 @@ class StepDriver:
             self.monitor.note_skipped(step, "grad_scaler")
             return None
         stats.chance_loss = self.chance_loss
+        stats.null_loss = self.null.value
         factor_before = controls.lr_factor
         decision = self.monitor.observe(stats, immediate=True, can_rollback=self.rollbacks.can_rollback)
         if decision.rollback or decision.lr_factor != factor_before:

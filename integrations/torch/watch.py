@@ -211,8 +211,10 @@ class Watch:
             scaler.update = update
             self._scaler_update = update
         if model is not None:
-            # Once, the width of a 2-D output: a cross-entropy's chance level is ln(width), and
-            # the loss tensor's graph no longer holds it after backward() (StepStats.chance_loss).
+            # The first forward passes: the width of a 2-D output (a cross-entropy's chance level
+            # is ln(width), and the loss tensor's graph no longer holds it after backward():
+            # StepStats.chance_loss) and, for a squared error, the output and its gradient
+            # (the targets, for StepStats.null_loss).
             self._output_hook = unwrap(model).register_forward_hook(self._see_output)  # type: ignore[union-attr]
             self._handles.append(self._output_hook)
         for watched in [model, *optimizers]:
@@ -346,9 +348,9 @@ class Watch:
         return post_hook
 
     def _see_output(self, module: torch.nn.Module, inputs: Any, output: Any) -> None:
-        if isinstance(output, torch.Tensor) and output.dim() == 2:
-            self.driver.output_classes = int(output.shape[1])
-        self._output_hook.remove()  # once: the first forward pass says it
+        self.failsafe.guard(self.driver.see_output, output)
+        if not self.driver.wants_outputs or not self.failsafe.active:
+            self._output_hook.remove()  # the first forward passes say all there is to learn
 
     def _pre_step(self, k: int, optimizer: torch.optim.Optimizer) -> None:
         self._fired_since_update.add(k)

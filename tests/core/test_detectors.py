@@ -371,3 +371,30 @@ def test_exploding_loss_above_chance_on_every_batch_after_the_run_had_learnt(los
     assert (found[0].step if found else None) == expected
     if expected is not None:
         assert found[0].evidence["remedy"] == "lr" and "after the run had learnt" in found[0].message
+
+
+@pytest.mark.parametrize(("losses", "null_at", "expected"), [
+    ([300.0, 280.0, 250.0, 240.0, 200.0, 150.0, 120.0, 90.0], 0, 2),  # known from step 0: judged at the third loss
+    ([300.0, 280.0, 250.0, 240.0, 200.0, 150.0, 120.0, 90.0], 6, 6),  # pooled over seven steps of small batches
+    ([300.0, 280.0, 250.0, 240.0, 200.0, 150.0, 120.0, 90.0], 7, None),  # the first three are no longer in view
+    ([12.0, 11.0, 10.0, 9.0, 8.0, 7.0, 6.0, 5.0], 0, None),  # 12x: an estimate from the targets needs 16x
+    ([300.0, 0.9, 0.8, 0.7, 0.7, 0.6, 0.6, 0.5], 0, None),  # one bad first batch, then the init's scale
+])
+def test_exploding_first_losses_against_the_null_level_of_a_regression(losses, null_at, expected):
+    """A squared error has no chance level; the mean squared target (``null_loss``, what a model
+    whose outputs are zero scores) judges the run's first three losses, at 16x, once the adapter
+    has pooled enough targets to know it."""
+    from gradwatch import StepStats
+
+    layout = testing.make_layout(2)
+    det = detectors.exploding()
+    state = det.init(layout)
+    found = []
+    for step, loss in enumerate(losses):
+        stats = StepStats(step=step, layout=layout, grad_norm=np.full(len(layout), 0.5), loss=loss,
+                          null_loss=1.0 if step >= null_at else None)
+        new, state = det.update(stats, state)
+        found += [f for f in new if f.evidence["rule"] == "loss_over_chance"]
+    assert [f.step for f in found] == ([] if expected is None else [expected])
+    if found:
+        assert found[0].evidence["null_loss"] == 1.0 and "outputs zeros" in found[0].message

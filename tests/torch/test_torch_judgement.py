@@ -190,6 +190,76 @@ def test_a_cnn_with_weights_x30_at_init_is_reported_from_step_0():
     assert first.step == 0 and first.severity == "error" and "knows nothing" in first.message
 
 
+def diabetes() -> TensorDataset:
+    """scikit-learn's diabetes regression, features and target standardised (442 rows)."""
+    from sklearn.datasets import load_diabetes
+
+    x, y = load_diabetes(return_X_y=True)
+    x, y = (x - x.mean(0)) / x.std(0), (y - y.mean()) / y.std()
+    return TensorDataset(torch.tensor(x, dtype=torch.float32), torch.tensor(y, dtype=torch.float32))
+
+
+def fit_regression(scale: float, *, batch_size: int, record_before_backward: bool = False, loss_factor: float = 1.0,
+                   target_scale: float = 1.0, output_factor: float = 1.0) -> tuple[gradwatch.Report, float | None]:
+    """An MLP regressor, its weight matrices ``scale`` times PyTorch's init, Adam, mean squared error."""
+    data = diabetes()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 64), nn.ReLU(), nn.Linear(64, 1))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.mul_(scale)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    loader = DataLoader(data, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(0))
+    with gradwatch.watch(model, opt, policy="observe") as w:
+        for _ in range(2):
+            for x, y in loader:
+                opt.zero_grad()
+                out = model(x).squeeze(-1)
+                loss = nn.functional.mse_loss(out if output_factor == 1.0 else output_factor * out, target_scale * y)
+                if loss_factor != 1.0:
+                    loss = loss_factor * loss
+                if record_before_backward:
+                    w.record_loss(loss)
+                loss.backward()
+                if not record_before_backward:
+                    w.record_loss(loss)
+                opt.step()
+        return w.report(), w.driver.null.value
+
+
+@pytest.mark.parametrize("batch_size", [4, 32])
+@pytest.mark.parametrize("record_before_backward", [False, True], ids=["after-backward", "before-backward"])
+def test_a_regression_net_with_weights_x10_at_init_is_reported_from_its_first_losses(batch_size, record_before_backward):
+    """No chance level for a squared error, but the targets give one: a model at init outputs about
+    zero and scores about the mean squared target; weights x10 score hundreds of times that."""
+    report, null = fit_regression(10.0, batch_size=batch_size, record_before_backward=record_before_backward)
+    assert null is not None and 0.5 < null < 2.0  # standardised targets: about 1
+    found = [f for f in report.findings if f.kind == "exploding"]
+    assert found and found[0].evidence["rule"] == "loss_over_chance" and found[0].step <= 6
+    assert found[0].severity == "error" and "outputs zeros" in found[0].message
+
+
+@pytest.mark.parametrize("batch_size", [1, 4, 32])
+def test_a_healthy_regression_net_is_not_judged_against_its_targets(batch_size):
+    report, null = fit_regression(1.0, batch_size=batch_size)
+    assert null is not None
+    assert not [f for f in report.findings if f.evidence.get("rule") == "loss_over_chance"]
+
+
+def test_the_null_level_follows_the_targets_scale_and_refuses_a_loss_it_cannot_read():
+    """Targets in their own units (a mean of 152, not standardised) make a zero output score their
+    mean square. A scaled loss (0.5 * mse) is not a mean squared error, and one of a transformed
+    output (mse(0.5 * output, y)) fails the check that the recovered error gives the loss back:
+    no level at all, rather than a wrong one."""
+    report, null = fit_regression(10.0, batch_size=32, target_scale=77.0)
+    assert null is not None and 77.0 ** 2 * 0.5 < null < 77.0 ** 2 * 2
+    for change in ({"loss_factor": 0.5}, {"output_factor": 0.5}):
+        report, null = fit_regression(10.0, batch_size=32, **change)
+        assert null is None
+        assert not [f for f in report.findings if f.evidence.get("rule") == "loss_over_chance"]
+
+
 def test_an_explosion_that_ends_in_nan_is_called_an_explosion():
     train, _ = digits()
     model = mlp(width=128, depth=8)
