@@ -16,7 +16,8 @@ When gradwatch skips a batch (non-finite gradients under ``policy="auto"``), the
 optimizer state are left as if the batch had not been there; so are the metrics: every metric
 variable (the loss tracker included) is put back to its value before the batch, so that the
 progress bar and ``History`` do not read ``nan`` for the rest of the epoch because of a batch that
-did not train. In a healthy step nothing changes: the values are selected back unchanged (bit for
+did not train; and so are the model's floating-point non-trainable variables (BatchNormalization's
+moving statistics, which a NaN in the batch's input would otherwise poison for good). In a healthy step nothing changes: the values are selected back unchanged (bit for
 bit the metrics of an unwatched run).
 
 A train step that does not use the loss tracker (a custom ``train_step``) leaves the loss unknown
@@ -118,6 +119,7 @@ class BatchTap:
         state: dict[str, Any] = {"graph": self._graph()}
         if self.exclude_skipped:
             state["before"] = self._metric_values(args)
+            state["kept"] = self._kept_values(args)
         previous, self.local.state = self._state, state
         try:
             out = original(*args, **kwargs)
@@ -125,6 +127,8 @@ class BatchTap:
                 logs, new_state = out
                 optimizer_variables = self.write_loss(args[0][2], new_state[2], state["loss"])
                 out = (logs, (new_state[0], new_state[1], optimizer_variables, new_state[3]))
+            if state.get("kept") and state.get("skip") is not None and self._same_graph(state):
+                out = self._put_back(state, args, out)
             return out
         finally:
             self.local.state = previous
@@ -179,6 +183,58 @@ class BatchTap:
         # An explicit read, here: on TensorFlow ``v.value`` is the variable itself (and so is
         # ``keras.ops.convert_to_tensor(v)``), read only where it is used, after the update.
         return [v.value.read_value() for v in model.metrics_variables]
+
+    def _kept(self) -> list[int]:
+        """Indices, in ``model.non_trainable_variables``, of the floating-point ones: the state the
+        forward pass moves (BatchNormalization's moving mean and variance). A skipped batch's NaN
+        would stay in them and make every later prediction NaN. (A dropout seed is an integer
+        state and moves on as in an unwatched run.)"""
+        return [i for i, v in enumerate(self.model.non_trainable_variables)
+                if "float" in str(getattr(v, "dtype", ""))]
+
+    def _kept_values(self, args: tuple) -> list[Any] | None:
+        """The kept non-trainable variables' values at the start of the batch."""
+        kept = self._kept()
+        if not kept:
+            return None
+        if self.backend == "jax":
+            if not (args and len(args[0]) == 4):
+                return None
+            values = list(args[0][1])
+            return [values[i] for i in kept]
+        variables = self.model.non_trainable_variables
+        if self.backend == "torch":
+            return [variables[i].value.clone() for i in kept]
+        return [variables[i].value.read_value() for i in kept]
+
+    def _put_back(self, state: dict[str, Any], args: tuple, out: Any) -> Any:
+        """A batch gradwatch skipped never was: its moving statistics are put back too (as the
+        PyTorch adapter puts BatchNorm's buffers back). A healthy batch's are selected unchanged."""
+        import keras
+
+        ops = keras.ops
+        skip, kept, before = state["skip"], self._kept(), state["kept"]
+        variables = self.model.non_trainable_variables
+        if self.backend == "torch":
+            if skip:
+                for i, old in zip(kept, before):
+                    variables[i].assign(old)
+            return out
+        # A cond, not a select: a select fused into the moving-average update changes how XLA
+        # fuses it (one unit in the last place of the variance on a healthy step).
+        if self.backend == "jax":
+            logs, new_state = out
+            values = list(new_state[1])
+            after = [values[i] for i in kept]
+            chosen = ops.cond(skip, lambda: list(before), lambda: after)
+            for i, value in zip(kept, chosen):
+                values[i] = value
+            return logs, (new_state[0], values, new_state[2], new_state[3])
+        after = [variables[i].value.read_value() for i in kept]
+        chosen = ops.cond(skip, lambda: list(before), lambda: after)
+        for i, value in zip(kept, chosen):
+            variables[i].assign(value)
+        return out
 
     def _graph(self) -> Any:
         if self.backend != "tensorflow":

@@ -443,10 +443,13 @@ class StepProbe(ProbeReader):
         state = list(target._trainable_variables) + [
             v for v in target.variables if not any(v is mine for mine in self.owned)
         ]
-        before = [ops.convert_to_tensor(v) for v in state]
+        # TensorFlow: an explicit read here (``convert_to_tensor`` of a variable is the variable
+        # itself, read where it is used: after the update, which the skip would then keep).
+        read = (lambda v: v.value.read_value()) if self.backend == "tensorflow" else ops.convert_to_tensor
+        before = [read(v) for v in state]
         with self._rate_in_force(plan["rate"]):
             self._original_apply(grads, trainable_variables)
-        after = [ops.convert_to_tensor(v) for v in state]
+        after = [read(v) for v in state]
         kept = ops.cond(plan["skip"], lambda: before, lambda: after)
         for variable, value in zip(state, kept):
             variable.assign(value)
