@@ -2,8 +2,11 @@
 
 Per layer, the relative gradient ``r = ||grad W|| / ||W||`` over its weight tensors (biases,
 normalisation scales and embeddings are left out: their norms say nothing about depth). The
-reference is the median ``log10 r`` of the later half of the layers, the output layer excluded (a
-zero-initialised head has a tiny ``||W||`` and would make every other layer look small). A layer in
+reference is the largest ``log10 r`` of the later half of the layers, the output layer excluded (a
+zero-initialised head has a tiny ``||W||`` and would make every other layer look small): the
+best-conditioned later layer. A median would itself be vanished when the collapse spans more than
+half the depth (a deep stack at a tiny init with zero biases, Keras's default: the forward signal
+shrinks with the backward one, so every kernel's gradient but the last few sits at one floor). A layer in
 the first half whose ``r`` is below ``ratio_threshold`` times the reference on at least
 ``min_fraction`` of the last ``window`` steps is vanishing.
 
@@ -25,7 +28,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from gradwatch.detectors.base import Detector, check_positive, median, push
+from gradwatch.detectors.base import Detector, check_positive, push
 from gradwatch.findings import Finding
 from gradwatch.stats import Layout, StepStats
 
@@ -112,7 +115,7 @@ def vanishing(
         if reference_slice.size == 0:
             row = np.full(n, np.nan)
         else:
-            reference = median(reference_slice)
+            reference = float(reference_slice.max())
             row = log_r - reference
         deficits, cursor = push(state.deficits, state.cursor, row)
         filled = min(state.filled + 1, window)

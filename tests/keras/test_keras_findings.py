@@ -44,6 +44,26 @@ def test_deep_sigmoid_mlp_vanishes():
     assert set(finding.evidence["insert_after"]) <= {layer.name for layer in model.layers}
 
 
+def test_a_deep_tanh_stack_at_a_tiny_init_vanishes_although_every_kernel_gradient_is_at_one_floor():
+    """Keras's zero biases: at a tiny init the forward signal shrinks layer by layer as the backward
+    one does, so the kernels' gradients (activation x error) sit at one floor over most of the
+    depth, and only the last layers learn. Judged against the best-conditioned later layer, not
+    their median (itself at the floor)."""
+    from sklearn.datasets import load_iris
+
+    x, y = load_iris(return_X_y=True)
+    x = ((x - x.mean(0)) / x.std(0)).astype("float32")
+    model = mlp(4, (64,) * 10, 3, activation="tanh")
+    for variable in model.trainable_variables:
+        if len(variable.shape) >= 2:
+            variable.assign(variable * 0.078)
+    report, _, _ = watch_fit(model, x, y, optimizer=keras.optimizers.SGD(0.05, momentum=0.9, nesterov=True),
+                             loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), epochs=2)
+    assert kinds(report) == {"vanishing"}, report.summary()
+    finding = next(f for f in report.findings if f.kind == "vanishing")
+    assert finding.layers[0] == model.layers[0].name
+
+
 def test_too_large_learning_rate_explodes():
     model, x, y, lr, _ = exploding_regression()
     report, steps, _ = watch_fit(model, x, y, optimizer=keras.optimizers.SGD(lr), loss="mse",
