@@ -115,6 +115,11 @@ median at most ``RECOVER`` times it): the model scores what a model that knows n
 EARLY_STEPS = 5
 EARLY_LOSSES = 3
 """The losses whose median, with the first loss, judges the init against the chance level."""
+NULL_ROWS = 32
+"""Target rows an adapter pools before it publishes ``StepStats.null_loss``."""
+NULL_STEPS = LOSS_WINDOW
+"""Steps after which an adapter publishes ``StepStats.null_loss`` with the rows seen so far (the
+init's losses are judged among the first ``LOSS_WINDOW``)."""
 HUGE_RATIO = 10.0
 """In the first steps, a gradient norm this many times the weights' norm, right before a NaN,
 is an explosion from step 0. (A gradient as large as the weights is ordinary in a small model at

@@ -47,6 +47,9 @@ class BatchTap:
         self.backend = backend
         self.exclude_skipped = exclude_skipped
         self.local = threading.local()
+        self.targets = False
+        """Measure each batch's mean squared target (:meth:`target`): set for a mean squared error
+        (``StepStats.null_loss``)."""
         self.write_loss: Any = None
         """JAX: ``(optimizer_variables_before, optimizer_variables_after, loss) -> variables``,
         set by the probe; writes the loss into the new state's row."""
@@ -107,6 +110,14 @@ class BatchTap:
             return None
         return state.get("loss")
 
+    def target(self) -> tuple[Any, Any] | None:
+        """The batch's mean squared target and its rows (float32 scalars), while :attr:`targets`
+        and the batch has one target tensor; else None."""
+        state = self._state
+        if state is None or not self._same_graph(state):
+            return None
+        return state.get("target")
+
     def note_skip(self, skip: Any) -> None:
         """The step's skip flag (a boolean tensor, or a Python bool on PyTorch), for the metrics."""
         state = self._state
@@ -120,6 +131,8 @@ class BatchTap:
         if self.exclude_skipped:
             state["before"] = self._metric_values(args)
             state["kept"] = self._kept_values(args)
+        if self.targets:
+            state["target"] = self._target_of(args)
         previous, self.local.state = self._state, state
         try:
             out = original(*args, **kwargs)
@@ -183,6 +196,27 @@ class BatchTap:
         # An explicit read, here: on TensorFlow ``v.value`` is the variable itself (and so is
         # ``keras.ops.convert_to_tensor(v)``), read only where it is used, after the update.
         return [v.value.read_value() for v in model.metrics_variables]
+
+    def _target_of(self, args: tuple) -> tuple[Any, Any] | None:
+        import keras
+
+        data = args[1] if self.backend == "jax" else (args[0] if args else None)
+        if data is None:
+            return None
+        try:
+            _, y, _ = keras.utils.unpack_x_y_sample_weight(data)
+        except Exception:  # not the (x, y, sample_weight) of a standard train step
+            return None
+        if y is None or isinstance(y, (list, tuple, dict)) or not hasattr(y, "shape") or len(y.shape) == 0:
+            return None
+        ops = keras.ops
+        if self.backend == "torch":
+            import torch
+
+            if isinstance(y, torch.Tensor):
+                y = y.detach()
+        y = ops.cast(y, "float32")
+        return ops.mean(ops.square(y)), ops.cast(ops.shape(y)[0], "float32")
 
     def _kept(self) -> list[int]:
         """Indices, in ``model.non_trainable_variables``, of the floating-point ones: the state the

@@ -12,6 +12,7 @@ from typing import Any, cast
 
 import numpy as np
 
+from gradwatch.detectors.exploding import NULL_ROWS, NULL_STEPS
 from gradwatch.errors import require
 from gradwatch.failsafe import FailSafe
 from gradwatch.monitor import Monitor
@@ -35,6 +36,8 @@ from .step import (  # noqa: E402
     COL_LR_FACTOR,
     COL_SKIPPED,
     COL_STEP,
+    COL_TARGET_ROWS,
+    COL_TARGET_SQUARE,
     HEAD,
     StepProbe,
     probe_of,
@@ -156,6 +159,7 @@ class GradWatch(keras.callbacks.Callback):
         self._skipped_epoch = 0
         self._rollbacks_epoch = 0
         self._chance_loss: float | None = None
+        self._null: NullPool | None = None
         self._acted = False
 
     @property
@@ -181,6 +185,7 @@ class GradWatch(keras.callbacks.Callback):
                 model, keras.backend.backend(),
                 exclude_skipped=remedies and not isinstance(optimizer, keras.optimizers.LossScaleOptimizer),
             )
+            tap.targets = is_squared_error(model)
             self._probe = StepProbe(
                 model, optimizer, ring=max(16, 4 * steps_per_execution), remedies=remedies,
                 strict=self.strict, tap=tap,
@@ -192,6 +197,7 @@ class GradWatch(keras.callbacks.Callback):
             every = resolve_rollback_every(self.rollback_every, self.monitor.policy, model.trainable_variables)
             self._rollbacks = KerasRollbacks(every, lambda: KerasSnapshot(model, probe.target, probe.owned))
             self._chance_loss = chance_loss_of(model)
+            self._null = NullPool() if is_squared_error(model) else None
             self._written = self.monitor.controls
             self._acted = False
             self._decisions.clear()
@@ -411,6 +417,8 @@ class GradWatch(keras.callbacks.Callback):
         )
         if self._chance_loss is not None and hasattr(stats, "chance_loss"):
             stats.chance_loss = self._chance_loss
+        if self._null is not None:
+            stats.null_loss = self._null.see(float(row[COL_TARGET_SQUARE]), float(row[COL_TARGET_ROWS]))
         return stats
 
     def _note_loss_scale_skips(self, count: int) -> None:
@@ -519,6 +527,47 @@ CROSS_ENTROPIES = {
     "SparseCategoricalCrossentropy": "categorical", "CategoricalCrossentropy": "categorical",
     "binary_crossentropy": "binary", "BinaryCrossentropy": "binary",
 }
+
+
+SQUARED_ERRORS = {"mse", "mean_squared_error", "MeanSquaredError"}
+
+
+def is_squared_error(model: Any) -> bool:
+    """The compiled loss is one mean squared error (``StepStats.null_loss`` applies)."""
+    loss = getattr(model, "loss", None)
+    if isinstance(loss, (list, tuple, dict)) or loss is None:
+        return False
+    name = loss if isinstance(loss, str) else getattr(loss, "__name__", type(loss).__name__)
+    if name == "LossFunctionWrapper":
+        name = getattr(getattr(loss, "fn", None), "__name__", name)
+    return name in SQUARED_ERRORS
+
+
+class NullPool:
+    """The mean squared target of the run's first batches (``StepStats.null_loss``), pooled over
+    ``NULL_ROWS`` rows or ``NULL_STEPS`` steps, whichever comes first; None until then, and for
+    good when the batches carried no target."""
+
+    def __init__(self) -> None:
+        self.value: float | None = None
+        self._total = 0.0
+        self._rows = 0.0
+        self._steps = 0
+        self._done = False
+
+    def see(self, square: float, rows: float) -> float | None:
+        """One measured step's mean squared target and rows; returns the level once known."""
+        if self._done:
+            return self.value
+        self._steps += 1
+        if math.isfinite(square) and rows > 0:
+            self._total += square * rows
+            self._rows += rows
+        if self._rows >= NULL_ROWS or self._steps >= NULL_STEPS:
+            self._done = True
+            level = self._total / self._rows if self._rows > 0 else math.nan
+            self.value = level if math.isfinite(level) and level > 0 else None
+        return self.value
 
 
 def chance_loss_of(model: Any) -> float | None:

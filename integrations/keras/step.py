@@ -42,12 +42,16 @@ from .host import ProbeReader, controls_vector
 from .layout import keras_layout
 from .neutral import optimizer_copies
 
-HEAD = ("step", "global_norm", "lr", "skipped", "clip_scale", "loss", "has_loss", "lr_factor")
+HEAD = ("step", "global_norm", "lr", "skipped", "clip_scale", "loss", "has_loss", "lr_factor", "target_square",
+        "target_rows")
 """The first columns of a row; then ``grad_norm``, ``param_norm``, ``zero_fraction`` and
 ``has_grad``, one entry per trainable variable each. ``loss`` is the batch's own loss (not the
 epoch's running mean), ``has_loss`` 1 when the train step handed one to the loss tracker,
-``lr_factor`` the learning-rate factor the step ran with (``lr`` includes it)."""
-COL_STEP, COL_GLOBAL, COL_LR, COL_SKIPPED, COL_SCALE, COL_LOSS, COL_HAS_LOSS, COL_LR_FACTOR = range(len(HEAD))
+``lr_factor`` the learning-rate factor the step ran with (``lr`` includes it), ``target_square``
+the batch's mean squared target and ``target_rows`` its rows, for a mean squared error (else NaN
+and 0: :meth:`BatchTap.target`)."""
+(COL_STEP, COL_GLOBAL, COL_LR, COL_SKIPPED, COL_SCALE, COL_LOSS, COL_HAS_LOSS, COL_LR_FACTOR, COL_TARGET_SQUARE,
+ COL_TARGET_ROWS) = range(len(HEAD))
 BLOCKS = ("grad_norm", "param_norm", "zero_fraction", "has_grad")
 
 
@@ -349,8 +353,11 @@ class StepProbe(ProbeReader):
         loss = self.tap.loss() if self.tap is not None else None
         has_loss = ops.ones((), "float32") if loss is not None else ops.zeros((), "float32")
         loss = ops.cast(loss, "float32") if loss is not None else nan
+        target = self.tap.target() if self.tap is not None else None
+        square, rows = (nan, ops.zeros((), "float32")) if target is None else target
         head = ops.stack([
             ops.cast(count, "float32"), global_norm, lr, ops.cast(skip, "float32"), scale, loss, has_loss, factor,
+            square, rows,
         ])
         row = ops.concatenate([head, grad_vec, param_vec, ops.stack(zero_fraction), has_grad])
         slot = ops.mod(count, self.ring)

@@ -67,8 +67,13 @@ def measure_torch(probe: Any, grads: list[Any], by_index: dict[int, Any]) -> dic
             loss_entries = [torch.full((), math.nan, device=device), torch.zeros((), device=device)]
         else:
             loss_entries = [loss.to(device=device, dtype=torch.float32).reshape(()), torch.ones((), device=device)]
+        target = probe.tap.target() if probe.tap is not None else None
+        if target is None:
+            target_entries = [torch.full((), math.nan, device=device), torch.zeros((), device=device)]
+        else:
+            target_entries = [t.to(device=device, dtype=torch.float32).reshape(()) for t in target]
         head = torch.stack([count.float(), global_norm, rate.float(), skip.float(), scale, *loss_entries,
-                            factor.reshape(())])
+                            factor.reshape(()), *target_entries])
         row = torch.cat([head, grad_vec, params, zero_fraction, has])
         with probe.lock:
             probe.ring_var.value.index_copy_(0, (count % probe.ring).long().view(1), row.view(1, -1))

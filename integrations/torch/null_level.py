@@ -23,11 +23,8 @@ from typing import Any
 
 import torch
 
-NULL_ROWS = 32
-"""Target rows pooled before the level is published."""
-NULL_STEPS = 7
-"""Steps after which the level is published with the rows seen so far (the init's losses are
-judged among the run's first seven)."""
+from gradwatch.detectors.exploding import NULL_ROWS, NULL_STEPS
+
 NULL_TOLERANCE = 0.05
 """Largest relative difference between the recorded loss and the loss of the recovered error
 (bfloat16 outputs and gradients are good to about 1 %)."""

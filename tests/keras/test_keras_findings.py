@@ -64,6 +64,31 @@ def test_a_deep_tanh_stack_at_a_tiny_init_vanishes_although_every_kernel_gradien
     assert finding.layers[0] == model.layers[0].name
 
 
+@pytest.mark.parametrize(("scale", "batch_size", "loss", "found"), [
+    (10.0, 32, "mse", True),
+    (10.0, 4, "mean_squared_error", True),  # pooled over seven batches of four rows
+    (1.0, 32, "mse", False),
+    (10.0, 32, "mae", False),  # no null level for an absolute error: not judged
+])
+def test_a_regression_net_with_weights_x10_at_init_is_reported_from_its_first_losses(scale, batch_size, loss, found):
+    """The mean squared target of the first batches, measured in the step, is what a model whose
+    outputs are zero scores; weights x10 at init score thousands of times that."""
+    from sklearn.datasets import load_diabetes
+
+    x, y = load_diabetes(return_X_y=True)
+    x, y = ((x - x.mean(0)) / x.std(0)).astype("float32"), ((y - y.mean()) / y.std()).astype("float32")
+    model = mlp(10, (64,), 1)
+    for variable in model.trainable_variables:
+        if len(variable.shape) >= 2:
+            variable.assign(variable * scale)
+    report, _, _ = watch_fit(model, x, y, optimizer=keras.optimizers.Adam(1e-3), loss=loss, batch_size=batch_size)
+    hits = [f for f in report.findings if f.evidence.get("rule") == "loss_over_chance"]
+    assert bool(hits) == found, report.summary()
+    if found:
+        assert hits[0].step <= 6 and hits[0].severity == "error" and "outputs zeros" in hits[0].message
+        assert 0.5 < hits[0].evidence["null_loss"] < 2.0  # standardised targets
+
+
 def test_too_large_learning_rate_explodes():
     model, x, y, lr, _ = exploding_regression()
     report, steps, _ = watch_fit(model, x, y, optimizer=keras.optimizers.SGD(lr), loss="mse",
