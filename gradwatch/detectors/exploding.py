@@ -52,7 +52,10 @@ Rules, each a finding of kind ``exploding`` whose evidence names the ``rule``:
    ``SETTLED_LOW`` of chance and their median at most ``RECOVER`` times it (Adam at a mistyped LR
    with batches of a few samples: one update tens of times the weights, the loss up a
    hundredfold and back down to ``ln C``, where it stays while the units are dead or the outputs
-   collapsed; a run that took such an update has batches well below chance by then). A first
+   collapsed; a run that took such an update has batches well below chance by then), if the
+   update was ten times the weights or more, or the weights have grown ``SETTLE_GROWTH`` times
+   since (a step size that is too large keeps moving them; after Adagrad's first step at a high
+   but sane LR, two or three times the weights, they settle). A first
    large update that the loss takes well is how a small convex model starts under Adagrad or Adam.
    With an adapter that measures the update itself (``StepStats.update_norm``), any weight tensor
    whose update exceeds ``max_update`` times its norm.
@@ -109,6 +112,14 @@ SETTLE_STEPS = 4 * LOSS_WINDOW
 """Steps after an update as large as the weights (that the loss rose from) at which the loss is
 judged against the chance level (rule 5): by then a run that took the update has batches well
 below chance, while one whose units died or whose outputs collapsed scores chance on every batch."""
+SETTLE_CHANGE = 10.0
+SETTLE_GROWTH = 2.0
+"""The update itself changed the weights' norm by ``SETTLE_CHANGE`` times itself or more (an LR
+ten times the weights' scale: Adam at a mistyped LR moves every weight by about the LR, x20-x45
+on a CNN at init), or by then the weights' norm is ``SETTLE_GROWTH`` times what it was right
+after it (a step size that keeps moving the weights by a large share of themselves). A run whose
+first update was Adagrad's at a high but sane LR (x2-x3) has settled, however long its loss stays
+near chance (rule 5)."""
 SETTLED_LOW = 0.75
 """Every one of the last ``LOSS_WINDOW`` losses at least this share of the chance level (and their
 median at most ``RECOVER`` times it): the model scores what a model that knows nothing scores."""
@@ -180,6 +191,8 @@ class ExplodingState(NamedTuple):
     """The step of a large update the loss rose from, followed until ``SETTLE_STEPS`` later to see
     whether the loss settled at the chance level (rule 5); -1: none."""
     settle_change: float = math.nan
+    settle_weights: float = math.nan
+    """The weights' norm right after that update."""
     """The change of the weights' norm that update made, as a share of it."""
     learnt: bool = False
     """The median of ``LOSS_WINDOW`` losses has been below ``SETTLED_LOW`` of the chance level: the
@@ -529,7 +542,7 @@ def _judge_weights(stats: StepStats, state: ExplodingState, findings: list[Findi
             state = state._replace(big_step=stats.step, big_loss=state.last_loss, big_change=change,
                                    big_peak=loss if math.isfinite(loss) else math.nan, big_weights=previous)
         if big and state.settle_step < 0 and len(findings) == before:
-            state = state._replace(settle_step=stats.step, settle_change=change)
+            state = state._replace(settle_step=stats.step, settle_change=change, settle_weights=weights)
     else:
         big = False
     if len(findings) > before:  # said once: the update is not judged again at chance level
@@ -545,13 +558,18 @@ def _judge_settled(stats: StepStats, state: ExplodingState, findings: list[Findi
     then stays at ``ln C``: its units died or its outputs collapsed, which no rule on the loss
     before the update can tell from Adagrad's first step (the loss before was the init's, at
     chance too). Adagrad's first step at a high LR also leaves the loss near chance for a dozen
-    steps, but a run that took it has batches well below chance by then."""
+    steps, but a run that took it has batches well below chance by then, or, when it is still near
+    chance (a CNN under Adagrad at 0.16: 35 steps), weights that have settled: unless the update
+    was ``SETTLE_CHANGE`` times the weights or more, the rule also asks that they grew
+    ``SETTLE_GROWTH`` times since."""
     if state.settle_step < 0 or not math.isfinite(loss) or stats.step - state.settle_step < SETTLE_STEPS:
         return state
     chance = stats.chance_loss
     window = state.losses
     level = median_of_few(window) if window else math.nan
-    if (chance is not None and chance > 0 and len(window) == LOSS_WINDOW
+    moving = (not (state.settle_change < SETTLE_CHANGE) or not math.isfinite(state.settle_weights)
+              or state.weight_norm >= SETTLE_GROWTH * state.settle_weights)
+    if (moving and chance is not None and chance > 0 and len(window) == LOSS_WINDOW
             and min(window) >= SETTLED_LOW * chance and level <= RECOVER * chance):
         findings.append(_big_update_finding(
             stats, state.settle_change, math.nan, math.nan,

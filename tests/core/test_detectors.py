@@ -308,12 +308,23 @@ ADAGRAD_LR_0_8_BATCH_16 = (  # embedding model on breast_cancer, healthy: far ab
     np.log(2))
 
 
+ADAGRAD_LR_0_16_BATCH_50 = (  # CNN on digits, healthy: at chance for 35 steps, weights settled, then it learns
+    [2.32, 38.69, 2.59, 2.41, 2.32, 2.29, 2.33, 2.33, 2.3, 2.32, 2.33, 2.32, 2.28, 2.34, 2.31, 2.24, 2.24, 2.24,
+     3.17, 2.32, 2.31, 2.31, 2.3, 2.14, 2.57, 2.31, 2.31, 2.28, 2.29, 2.3, 2.31, 2.28, 2.28, 2.27, 2.27, 2.21,
+     2.17, 2.05, 2.08, 1.92, 1.61],
+    [4.09, 12.36, 14.34, 14.62, 14.67, 14.66, 14.66, 14.66, 14.67, 14.68, 14.71, 14.71, 14.72, 14.73, 14.73,
+     14.74, 14.78, 14.8, 14.86, 14.92, 14.92, 14.92, 14.92, 14.92, 14.92, 14.92, 14.92, 14.92, 14.92, 14.92,
+     15.61, 15.61, 15.61, 15.61, 15.61, 15.61, 15.61, 15.61, 15.61, 15.61, 16.08],
+    np.log(10))
+
+
 @pytest.mark.parametrize(("run_stats", "chance_known", "expected"), [
     (ADAM_LR_1_45_BATCH_4, True, [29]),
+    (ADAGRAD_LR_0_16_BATCH_50, True, []),
     (ADAM_LR_1_45_BATCH_4, False, []),  # no chance level: nothing to tell chance from learning
     (ADAGRAD_LR_0_3_BATCH_128, True, []),
     (ADAGRAD_LR_0_8_BATCH_16, True, []),
-], ids=["adam-collapsed", "adam-no-chance", "adagrad-learns", "adagrad-fits-batches"])
+], ids=["adam-collapsed", "adagrad-settled-at-chance", "adam-no-chance", "adagrad-learns", "adagrad-fits-batches"])
 def test_exploding_large_update_then_the_loss_at_chance_on_every_batch(run_stats, chance_known, expected):
     """One update tens of times the weights, the loss up a hundredfold and back down: Adagrad's
     first step at a high LR and Adam's at a mistyped one look alike for a dozen steps. 28 steps on,
