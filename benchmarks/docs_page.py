@@ -225,7 +225,8 @@ def zoo_section(folder: Path, docs: Path | None, note: str = "") -> str:
         parts.append(f"Commit {str(prov.get('commit', '?'))[:10]}"
                      + (" (with uncommitted changes)" if prov.get("gradwatch_files_modified") else "")
                      + f", {prov.get('date', '?')}, {prov.get('machine', '?')}, "
-                     + ", ".join(f"{k} {v}" for k, v in prov.get("versions", {}).items()) + ".")
+                     + ", ".join(f"{k} {v}" for k, v in prov.get("versions", {}).items()) + "."
+                     + (f" Note: {prov['note']}." if prov.get("note") else ""))
         failures = path.with_suffix(".md")
         if docs is not None and failures.exists():
             page = docs.parent / f"{path.stem}.md"

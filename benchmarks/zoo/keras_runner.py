@@ -99,10 +99,14 @@ def _input_op_layer() -> Any:
             self.op = op
             self.proj: Any = keras.layers.Dense(4, use_bias=False, name="proj") if op == "norm_feature" else None
 
+        def build(self, input_shape: Any) -> None:
+            self.features = int(np.prod([int(d) for d in input_shape[1:]]))
+            if self.proj is not None:
+                self.proj.build((None, self.features))
+
         def call(self, x: Any) -> Any:
             ops = keras.ops
-            shape = ops.shape(x)
-            flat = ops.reshape(x, (shape[0], -1))
+            flat = ops.reshape(x, (-1, self.features))
             energy = ops.sum(flat * flat, axis=1)
             if self.op == "l2norm":
                 return x / ops.reshape(ops.sqrt(energy), (-1,) + (1,) * (len(x.shape) - 1))
