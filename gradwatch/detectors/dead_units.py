@@ -11,7 +11,7 @@ parameters, and the output layer (its rows are outputs: an exactly-zero row is a
 already fits, not a dead unit). A step whose whole gradient is exactly zero is not judged either: a
 run that fits its batch to zero loss has converged, it has not died.
 
-Adapters that follow units one by one (PyTorch) report ``StepStats.dead_fraction``: the share of
+Adapters that follow units one by one (PyTorch, Keras) report ``StepStats.dead_fraction``: the share of
 units whose gradient was zero on each of the last :data:`~gradwatch.stats.UNIT_STREAK` measured
 steps, the same units every time. Where it is known the rule reads it (on the last
 ``window - UNIT_STREAK + 1`` steps); elsewhere it falls back on the per-step share of zero units

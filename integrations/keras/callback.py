@@ -411,6 +411,7 @@ class GradWatch(keras.callbacks.Callback):
             grad_norm=blocks["grad_norm"].astype(np.float64),
             param_norm=blocks["param_norm"].astype(np.float64),
             zero_fraction=blocks["zero_fraction"].astype(np.float64),
+            dead_fraction=blocks["dead_fraction"].astype(np.float64),
             has_grad=blocks["has_grad"] > 0.5,
             loss=float(row[COL_LOSS]) if row[COL_HAS_LOSS] > 0.5 else None,
             lr=float(row[COL_LR]),

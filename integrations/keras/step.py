@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from gradwatch.policy import Controls
-from gradwatch.stats import Layout
+from gradwatch.stats import UNIT_STREAK, Layout
 
 from . import distributed as strategy
 from .batches import BatchTap
@@ -52,7 +52,7 @@ the batch's mean squared target and ``target_rows`` its rows, for a mean squared
 and 0: :meth:`BatchTap.target`)."""
 (COL_STEP, COL_GLOBAL, COL_LR, COL_SKIPPED, COL_SCALE, COL_LOSS, COL_HAS_LOSS, COL_LR_FACTOR, COL_TARGET_SQUARE,
  COL_TARGET_ROWS) = range(len(HEAD))
-BLOCKS = ("grad_norm", "param_norm", "zero_fraction", "has_grad")
+BLOCKS = ("grad_norm", "param_norm", "zero_fraction", "has_grad", "dead_fraction")
 
 
 def base_optimizer(optimizer: Any) -> Any:
@@ -190,7 +190,18 @@ class StepProbe(ProbeReader):
         self.controls_var = keras.Variable(
             controls_vector(self._controls), dtype="float32", trainable=False, name="gradwatch_controls"
         )
-        self.owned = (self.ring_var, self.count_var, self.controls_var)
+        # Every unit's zero-gradient streak (a unit: one entry of a bias), followed one by one as the
+        # PyTorch adapter does: StepStats.dead_fraction.
+        self.unit_spans: dict[int, tuple[int, int]] = {}
+        offset = 0
+        for i, v in enumerate(self.variables):
+            if self.layout.roles[i] == "bias":
+                size = int(np.prod(v.shape))
+                self.unit_spans[i] = (offset, size)
+                offset += size
+        self.streak_var = keras.Variable(np.zeros(max(offset, 1), dtype=np.float32), dtype="float32",
+                                         trainable=False, name="gradwatch_unit_streaks")
+        self.owned = (self.ring_var, self.count_var, self.controls_var, self.streak_var)
         for variable in self.owned:
             self.target._track_variable(variable)
         outer_vars = self.optimizer.variables
@@ -325,10 +336,12 @@ class StepProbe(ProbeReader):
         grad_vec = ops.stack([grad_norms.get(i, zero) for i in range(self.n)])
         param_vec = ops.stack(param_norms)
         zero_fraction = []
+        zeros: dict[int, Any] = {}
         for i in range(self.n):
             g = by_index.get(i)
             if g is not None and self.layout.roles[i] == "bias" and self._densify(g) is g:
-                zero_fraction.append(ops.mean(ops.cast(ops.equal(g, 0), "float32")))
+                zeros[i] = ops.cast(ops.equal(ops.reshape(g, (-1,)), 0), "float32")
+                zero_fraction.append(ops.mean(zeros[i]))
             else:
                 zero_fraction.append(nan)
         has_grad = ops.convert_to_tensor(
@@ -336,6 +349,7 @@ class StepProbe(ProbeReader):
         )
         finite = ops.all(ops.isfinite(grad_vec))
         global_norm = ops.sqrt(ops.sum(ops.square(grad_vec)))
+        streaks, dead_fraction = self._unit_streaks(zeros, global_norm, nan)
         controls = self.controls_var.value
         skip = ops.logical_and(controls[0] > 0.5, ops.logical_not(finite)) if self.remedies else ops.convert_to_tensor(False)
         clip = controls[1]
@@ -359,16 +373,40 @@ class StepProbe(ProbeReader):
             ops.cast(count, "float32"), global_norm, lr, ops.cast(skip, "float32"), scale, loss, has_loss, factor,
             square, rows,
         ])
-        row = ops.concatenate([head, grad_vec, param_vec, ops.stack(zero_fraction), has_grad])
+        row = ops.concatenate([head, grad_vec, param_vec, ops.stack(zero_fraction), has_grad, dead_fraction])
         slot = ops.mod(count, self.ring)
         if strategy.first_replica():  # one row per step under MirroredStrategy
             with self.lock:
                 updated = ops.slice_update(self.ring_var.value, [slot, 0], ops.expand_dims(row, 0))
                 self.ring_var.assign(updated)
                 self.count_var.assign(count + 1)
+                if streaks is not None:
+                    self.streak_var.assign(streaks)
         if self.remedies and self.tap is not None:
             self.tap.note_skip(skip)  # PyTorch notes the flag once it is on the host (_steer)
         return {"grads": grads, "skip": skip, "scale": scale, "rate": rate, "do_clip": do_clip}
+
+    def _unit_streaks(self, zeros: dict[int, Any], global_norm: Any, nan: Any) -> tuple[Any, Any]:
+        """Each unit's zero-gradient streak after this step (unchanged on a step whose whole
+        gradient is zero or non-finite: converged or broken, not evidence about units), and per
+        tensor the share of its units at :data:`UNIT_STREAK` or more (NaN for tensors not followed)."""
+        ops = self.keras.ops
+        if not self.unit_spans:
+            return None, ops.stack([nan] * self.n)
+        old = self.streak_var.value
+        counts = global_norm > 0
+        parts, dead = [], [nan] * self.n
+        for i, (offset, size) in self.unit_spans.items():
+            before = ops.slice(old, [offset], [size])
+            zero = zeros.get(i)
+            if zero is None or zero.shape[0] != size:
+                parts.append(before)
+                continue
+            after = ops.where(counts, (before + 1.0) * zero, before)
+            parts.append(after)
+            dead[i] = ops.mean(ops.cast(after >= UNIT_STREAK, "float32"))
+        streaks = ops.concatenate(parts) if len(parts) > 1 else parts[0]
+        return streaks, ops.stack(dead)
 
     def _write_loss_jax(self, before: Sequence[Any], after: Sequence[Any], loss: Any) -> list[Any]:
         """JAX: the loss tracker is updated after ``stateless_apply``: write the batch's loss into

@@ -48,6 +48,7 @@ def measure_torch(probe: Any, grads: list[Any], by_index: dict[int, Any]) -> dic
             zero_fraction[bias_index] = (sizes - nonzero) / sizes
         finite = torch.isfinite(grad_vec).all()
         global_norm = torch.linalg.vector_norm(grad_vec)
+        dead_fraction = _unit_streaks(probe, by_index, biases, global_norm, device)
         controls = probe.controls_var.value
         rate = probe.target._get_current_learning_rate()
         rate = rate.value if hasattr(rate, "value") else torch.as_tensor(rate, device=device)
@@ -74,8 +75,31 @@ def measure_torch(probe: Any, grads: list[Any], by_index: dict[int, Any]) -> dic
             target_entries = [t.to(device=device, dtype=torch.float32).reshape(()) for t in target]
         head = torch.stack([count.float(), global_norm, rate.float(), skip.float(), scale, *loss_entries,
                             factor.reshape(()), *target_entries])
-        row = torch.cat([head, grad_vec, params, zero_fraction, has])
+        row = torch.cat([head, grad_vec, params, zero_fraction, has, dead_fraction])
         with probe.lock:
             probe.ring_var.value.index_copy_(0, (count % probe.ring).long().view(1), row.view(1, -1))
             count.add_(1)
     return {"grads": grads, "skip": skip, "scale": scale, "rate": rate, "do_clip": do_clip}
+
+
+def _unit_streaks(probe: Any, by_index: dict[int, Any], biases: list[int], global_norm: Any, device: Any) -> Any:
+    """Each followed unit's zero-gradient streak, updated in place (not on a step whose whole
+    gradient is zero or non-finite), and per tensor the share of its units at ``UNIT_STREAK`` or
+    more (NaN where not followed): :meth:`StepProbe._unit_streaks` for the PyTorch backend."""
+    import torch
+
+    from gradwatch.stats import UNIT_STREAK
+
+    dead = torch.full((probe.n,), math.nan, device=device)
+    spans = [(i, *probe.unit_spans[i]) for i in biases if i in probe.unit_spans
+             and by_index[i].numel() == probe.unit_spans[i][1]]
+    if not spans:
+        return dead
+    streak = probe.streak_var.value
+    for i, offset, size in spans:
+        before = streak[offset:offset + size]
+        zero = (by_index[i].reshape(-1) == 0).to(before.dtype)
+        after = torch.where(global_norm > 0, (before + 1.0) * zero, before)
+        before.copy_(after)
+        dead[i] = (after >= UNIT_STREAK).float().mean()
+    return dead

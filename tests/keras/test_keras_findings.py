@@ -145,6 +145,23 @@ def test_negative_bias_relu_has_dead_units():
     assert finding.evidence["dead_fraction"]["dead"] == 1.0
 
 
+def test_units_are_followed_one_by_one_so_batches_of_one_sample_do_not_make_idle_relus_dead():
+    """With a batch of one sample, a different half of a healthy ReLU layer is off on each batch:
+    the share of zero units is ~50 % on every step, but no unit stays at zero for ten steps in a
+    row. Each unit's streak is kept in the step (``StepStats.dead_fraction``), as in PyTorch."""
+    from sklearn.datasets import load_diabetes
+
+    x, y = load_diabetes(return_X_y=True)
+    x, y = ((x - x.mean(0)) / x.std(0)).astype("float32"), ((y - y.mean()) / y.std()).astype("float32")
+    model = mlp(10, (64,), 1)
+    report, steps, _ = watch_fit(model, x, y, optimizer=keras.optimizers.Adam(1e-3), loss="mse", batch_size=1)
+    assert "dead_units" not in kinds(report), report.summary()
+    biases = [i for i, role in enumerate(steps[0].layout.roles) if role == "bias"]
+    late = steps[-1]
+    assert np.isfinite(late.dead_fraction[biases]).all()
+    assert late.dead_fraction[biases[0]] < 0.5 <= max(s.zero_fraction[biases[0]] for s in steps[-20:])
+
+
 # -- healthy models stay silent -----------------------------------------------------------------
 
 
