@@ -108,7 +108,9 @@ _UNSTABLE = ("lr_too_high", "unclipped_norm", "init_scale", "dying_relu", "satur
              "no_normalisation", "sgd_across_depth", "lr_too_low")
 PRIORITY: dict[str, tuple[str, ...]] = {
     **dict.fromkeys(("diverged", "nonfinite", "exploding", "loss_spike"), _UNSTABLE),
-    "dead_units": ("dying_relu", "lr_too_high", "init_scale", "unclipped_norm", "no_normalisation",
+    # An LR whose first updates are a large share of the weights kills units: when it is
+    # diagnosed, it is the root of the dead units and its repair is tried before theirs.
+    "dead_units": ("lr_too_high", "dying_relu", "init_scale", "unclipped_norm", "no_normalisation",
                    "saturating_activation", "sgd_across_depth", "lr_too_low"),
     **dict.fromkeys(("vanishing", "stalled"), ("saturating_activation", "init_scale", "lr_too_low", "no_normalisation",
                                               "sgd_across_depth", "dying_relu", "lr_too_high", "unclipped_norm")),

@@ -145,6 +145,17 @@ def test_dying_relu_from_the_finding_and_the_bias():
     assert cause.evidence["bias_mean"] == {"fc1": -4.0} and "biases start negative" in cause.message
 
 
+def test_dead_units_after_first_updates_as_large_as_the_weights_try_the_lr_first():
+    """Adam at LR 0.3 on a small ReLU net: the units die because the first steps are too large.
+    The LR is the root cause; re-initialising the dead layers first looks good for a short trial
+    and collapses again over a full run."""
+    model = _stack(4, "relu")
+    causes = diagnose(model, symptoms=("dead_units",), dead_layers=("fc1",), update_ratios={"fc0": 0.9, "fc1": 2.5})
+    assert [c.kind for c in causes][:2] == ["lr_too_high", "dying_relu"]
+    model.layers[1].bias_mean = -4.0  # dead units with sane steps: the bias is the cause
+    assert [c.kind for c in diagnose(model, symptoms=("dead_units",), dead_layers=("fc1",))][0] == "dying_relu"
+
+
 def test_sgd_across_depth_needs_plain_sgd_and_three_decades():
     norms = {"fc0": 1e-7, "fc5": 0.3}
     assert "sgd_across_depth" in {c.kind for c in diagnose(_stack(6), symptoms=("vanishing",), grad_norms=norms)}
