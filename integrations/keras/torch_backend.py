@@ -7,6 +7,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from gradwatch.stats import UNIT_STREAK
+
 
 def measure_torch(probe: Any, grads: list[Any], by_index: dict[int, Any]) -> dict[str, Any]:
     """Measure one step and write its row, on the PyTorch backend.
@@ -29,26 +31,32 @@ def measure_torch(probe: Any, grads: list[Any], by_index: dict[int, Any]) -> dic
         key = tuple(present)
         cached = getattr(probe, "_torch_cache", None)
         if cached is None or cached[0] != key:
-            index = torch.tensor(present, dtype=torch.long, device=device)
-            biases = [i for i in present if probe.layout.roles[i] == "bias"]
-            has = torch.zeros(probe.n, device=device)
-            has[index] = 1.0
-            sizes = torch.tensor([float(by_index[i].numel()) for i in biases], device=device)
-            cached = (key, index, biases, torch.tensor(biases, dtype=torch.long, device=device), has, sizes)
+            cached = (key, *_units_plan(probe, present, by_index, device))
             probe._torch_cache = cached
-        _, index, biases, bias_index, has, sizes = cached
+        _, index, biases, bias_index, has, sizes, segments, positions = cached
         grad_vec = torch.zeros(probe.n, device=device)
         if norms:
             grad_vec[index] = torch.stack(norms)
         zero_fraction = torch.full((probe.n,), math.nan, device=device)
+        dead_fraction = torch.full((probe.n,), math.nan, device=device)
+        zero = None
         if biases:
-            # The share of exactly-zero bias gradients, from one L0 "norm" (the count of non-zeros)
-            # of all of them: the same float32 number as (g == 0).float().mean(), in one op.
-            nonzero = torch.stack(torch._foreach_norm([by_index[i] for i in biases], 0, dtype=torch.float32))
-            zero_fraction[bias_index] = (sizes - nonzero) / sizes
+            # Every bias entry (a unit) at once: which are exactly zero, and per bias how many (the
+            # same float32 share as (g == 0).float().mean(): a count of ones is exact).
+            zero = (torch.cat([by_index[i].reshape(-1) for i in biases]) == 0).float()
+            zero_fraction[bias_index] = torch.zeros(len(biases), device=device).index_add_(0, segments, zero) / sizes
         finite = torch.isfinite(grad_vec).all()
         global_norm = torch.linalg.vector_norm(grad_vec)
-        dead_fraction = _unit_streaks(probe, by_index, biases, global_norm, device)
+        if zero is not None and positions is not None:
+            # Each unit's zero-gradient streak, in place (not on a step whose whole gradient is zero
+            # or non-finite), and per bias the share of its units at UNIT_STREAK or more:
+            # StepProbe._unit_streaks for the PyTorch backend.
+            streak = probe.streak_var.value
+            before = streak[positions]
+            after = torch.where(global_norm > 0, (before + 1.0) * zero, before)
+            streak[positions] = after
+            dead = torch.zeros(len(biases), device=device).index_add_(0, segments, (after >= UNIT_STREAK).float())
+            dead_fraction[bias_index] = dead / sizes
         controls = probe.controls_var.value
         rate = probe.target._get_current_learning_rate()
         rate = rate.value if hasattr(rate, "value") else torch.as_tensor(rate, device=device)
@@ -82,24 +90,21 @@ def measure_torch(probe: Any, grads: list[Any], by_index: dict[int, Any]) -> dic
     return {"grads": grads, "skip": skip, "scale": scale, "rate": rate, "do_clip": do_clip}
 
 
-def _unit_streaks(probe: Any, by_index: dict[int, Any], biases: list[int], global_norm: Any, device: Any) -> Any:
-    """Each followed unit's zero-gradient streak, updated in place (not on a step whose whole
-    gradient is zero or non-finite), and per tensor the share of its units at ``UNIT_STREAK`` or
-    more (NaN where not followed): :meth:`StepProbe._unit_streaks` for the PyTorch backend."""
+def _units_plan(probe: Any, present: list[int], by_index: dict[int, Any], device: Any) -> tuple[Any, ...]:
+    """For the gradients present: their indices, the biases among them (the units), each bias
+    entry's bias (``segments``) and its place in the probe's streak variable (``positions``; None
+    when a bias gradient is not its variable's size), and the per-bias sizes."""
     import torch
 
-    from gradwatch.stats import UNIT_STREAK
-
-    dead = torch.full((probe.n,), math.nan, device=device)
-    spans = [(i, *probe.unit_spans[i]) for i in biases if i in probe.unit_spans
-             and by_index[i].numel() == probe.unit_spans[i][1]]
-    if not spans:
-        return dead
-    streak = probe.streak_var.value
-    for i, offset, size in spans:
-        before = streak[offset:offset + size]
-        zero = (by_index[i].reshape(-1) == 0).to(before.dtype)
-        after = torch.where(global_norm > 0, (before + 1.0) * zero, before)
-        before.copy_(after)
-        dead[i] = (after >= UNIT_STREAK).float().mean()
-    return dead
+    index = torch.tensor(present, dtype=torch.long, device=device)
+    biases = [i for i in present if probe.layout.roles[i] == "bias"]
+    has = torch.zeros(probe.n, device=device)
+    has[index] = 1.0
+    numel = [int(by_index[i].numel()) for i in biases]
+    sizes = torch.tensor([float(k) for k in numel], device=device)
+    segments = torch.repeat_interleave(torch.arange(len(biases), device=device), torch.tensor(numel, device=device))
+    spans = [probe.unit_spans.get(i) for i in biases]
+    positions = None
+    if biases and all(span is not None and span[1] == k for span, k in zip(spans, numel)):
+        positions = torch.cat([torch.arange(offset, offset + k, device=device) for offset, k in spans])
+    return index, biases, torch.tensor(biases, dtype=torch.long, device=device), has, sizes, segments, positions
