@@ -113,6 +113,8 @@ SETTLE_STEPS = 4 * LOSS_WINDOW
 judged against the chance level (rule 5): by then a run that took the update has batches well
 below chance, while one whose units died or whose outputs collapsed scores chance on every batch."""
 SETTLE_CHANGE = 10.0
+"""An update that changed the weights' norm by this many times itself or more is judged at chance
+whatever the weights did since (rule 5; see ``SETTLE_GROWTH``)."""
 SETTLE_GROWTH = 2.0
 """The update itself changed the weights' norm by ``SETTLE_CHANGE`` times itself or more (an LR
 ten times the weights' scale: Adam at a mistyped LR moves every weight by about the LR, x20-x45
@@ -191,9 +193,9 @@ class ExplodingState(NamedTuple):
     """The step of a large update the loss rose from, followed until ``SETTLE_STEPS`` later to see
     whether the loss settled at the chance level (rule 5); -1: none."""
     settle_change: float = math.nan
+    """The change of the weights' norm that update made, as a share of it."""
     settle_weights: float = math.nan
     """The weights' norm right after that update."""
-    """The change of the weights' norm that update made, as a share of it."""
     learnt: bool = False
     """The median of ``LOSS_WINDOW`` losses has been below ``SETTLED_LOW`` of the chance level: the
     model learnt something (rule 4: a loss that then climbs above chance on every batch diverges)."""

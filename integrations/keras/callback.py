@@ -197,7 +197,7 @@ class GradWatch(keras.callbacks.Callback):
             every = resolve_rollback_every(self.rollback_every, self.monitor.policy, model.trainable_variables)
             self._rollbacks = KerasRollbacks(every, lambda: KerasSnapshot(model, probe.target, probe.owned))
             self._chance_loss = chance_loss_of(model)
-            self._null = NullPool() if is_squared_error(model) else None
+            self._null = NullPool() if tap.targets else None
             self._written = self.monitor.controls
             self._acted = False
             self._decisions.clear()
@@ -533,15 +533,24 @@ CROSS_ENTROPIES = {
 SQUARED_ERRORS = {"mse", "mean_squared_error", "MeanSquaredError"}
 
 
-def is_squared_error(model: Any) -> bool:
-    """The compiled loss is one mean squared error (``StepStats.null_loss`` applies)."""
+def compiled_loss_name(model: Any, *, functions: bool = False) -> str | None:
+    """The name of the model's one compiled loss: the string it was compiled with, the loss
+    class's name, or the function a ``LossFunctionWrapper`` wraps (with ``functions``, also a
+    plain function's own name); None for several losses or none."""
     loss = getattr(model, "loss", None)
     if isinstance(loss, (list, tuple, dict)) or loss is None:
-        return False
-    name = loss if isinstance(loss, str) else getattr(loss, "__name__", type(loss).__name__)
+        return None
+    if isinstance(loss, str):
+        return loss
+    name = getattr(loss, "__name__", type(loss).__name__) if functions else type(loss).__name__
     if name == "LossFunctionWrapper":
         name = getattr(getattr(loss, "fn", None), "__name__", name)
-    return name in SQUARED_ERRORS
+    return name
+
+
+def is_squared_error(model: Any) -> bool:
+    """The compiled loss is one mean squared error (``StepStats.null_loss`` applies)."""
+    return compiled_loss_name(model, functions=True) in SQUARED_ERRORS
 
 
 class NullPool:
@@ -582,13 +591,8 @@ def chance_loss_of(model: Any) -> float | None:
     Returns:
         The chance level, or None.
     """
-    loss = getattr(model, "loss", None)
-    if isinstance(loss, (list, tuple, dict)) or loss is None:
-        return None
-    name = loss if isinstance(loss, str) else type(loss).__name__
-    if name == "LossFunctionWrapper":
-        name = getattr(getattr(loss, "fn", None), "__name__", name)
-    kind = CROSS_ENTROPIES.get(name)
+    name = compiled_loss_name(model)
+    kind = CROSS_ENTROPIES.get(name) if name is not None else None
     if kind == "binary":
         return math.log(2.0)
     if kind != "categorical":

@@ -253,8 +253,7 @@ class StepDriver:
             try:
                 self.null.see_loss(loss)
             except Exception:  # a graph we cannot read: no null level, nothing else changes
-                self.null = NullLevel()
-                self.null.learning = False
+                self.null.give_up()
         if self._chance_checked:
             return
         self._chance_checked = True

@@ -74,7 +74,7 @@ class NullLevel:
             return
         node = loss.grad_fn
         if type(node).__name__ != "MseLossBackward0" or getattr(node, "_saved_reduction", None) != _MEAN:
-            self._give_up()
+            self.give_up()
             return
         target = self._target(node, loss)
         if target is not None:
@@ -122,6 +122,7 @@ class NullLevel:
             self.value = level
         self._sum = self._worst = None
 
-    def _give_up(self) -> None:
+    def give_up(self) -> None:
+        """Stop learning, with no level (the loss is not a mean squared error, or cannot be read)."""
         self.learning = False
         self._output = self._sum = self._worst = None
