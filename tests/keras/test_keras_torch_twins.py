@@ -172,8 +172,10 @@ def test_a_healthy_classifier_with_a_short_last_batch_is_healthy_in_both():
     assert k_final == pytest.approx(t_final, rel=1e-3)
 
 
-@pytest.mark.xfail(reason="parity gap (open, issue 13): Keras clips step 44 after the rollback of step 43 "
-                   "(a 2e7 norm: that step's gradient still comes from the jumped weights); PyTorch needs no clip")
+@pytest.mark.xfail(reason="parity gap (open, issue 13): Keras applies what it decides on batch k from batch k + 2 "
+                   "(the asynchronous reader overlaps batch k + 1), so step 44 still runs on the jumped weights "
+                   "(loss 4.5e7, clipped) before the rollback of step 43 lands; and "
+                   "its snapshot holds step 40's jumped update (PyTorch restores step 40's weights)")
 def test_an_lr_jump_is_found_and_rolled_back_at_the_same_step_in_both():
     x, y = diabetes()
     twin = Twin(x, y, (64, 64, 64), 1, "tanh", lr=0.02, batch=len(x), epochs=60, lr_at={40: 2.0})
