@@ -217,7 +217,7 @@ def test_a_deep_sigmoid_stack_vanishes_in_both():
     assert "vanishing" in {kind for kind, _ in alarms(k_report)}, k_report.summary()
 
 
-@pytest.mark.xfail(reason="parity gap (open, issue 13): on TensorFlow Keras calls dead_units at step 9, "
+@pytest.mark.xfail(reason="parity gap (open, issue 13): Keras calls dead_units at step 9 (every backend), "
                    "PyTorch not within these 16 steps")
 def test_relus_biased_dead_are_found_in_both():
     x, y = digits(512)
