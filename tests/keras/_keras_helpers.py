@@ -57,6 +57,22 @@ def mlp(features: int = 8, widths: tuple = (16, 16), out: int = 1, activation: s
     return keras.Sequential(layers)
 
 
+class JumpAt(keras.optimizers.schedules.LearningRateSchedule):
+    """``base`` until optimizer step ``at``, ``base * factor`` from there on (a mistyped LR)."""
+
+    def __init__(self, base: float, at: int | None, factor: float) -> None:
+        self.base, self.at, self.factor = base, at, factor
+
+    def __call__(self, step):
+        if self.at is None:
+            return keras.ops.cast(self.base, "float32")
+        jumped = keras.ops.greater_equal(keras.ops.cast(step, "int32"), self.at)
+        return keras.ops.where(jumped, self.base * self.factor, self.base)
+
+    def get_config(self):
+        return {"base": self.base, "at": self.at, "factor": self.factor}
+
+
 class FixedControls(Policy):
     """A policy whose standing orders never change: to test how the step carries them out."""
 

@@ -14,6 +14,7 @@ pytest.importorskip("keras")
 import keras  # noqa: E402
 from _keras_helpers import (  # noqa: E402
     BACKEND,
+    JumpAt,
     classification_data,
     mlp,
     numpy_of,
@@ -104,22 +105,6 @@ def test_loss_spike_on_a_corrupted_batch(policy):
 
 
 # -- b. rollback after an LR jump ---------------------------------------------------------------
-
-
-class JumpAt(keras.optimizers.schedules.LearningRateSchedule):
-    """``base`` until optimizer step ``at``, ``base * factor`` from there on (a mistyped LR)."""
-
-    def __init__(self, base: float, at: int | None, factor: float) -> None:
-        self.base, self.at, self.factor = base, at, factor
-
-    def __call__(self, step):
-        if self.at is None:
-            return keras.ops.cast(self.base, "float32")
-        jumped = keras.ops.greater_equal(keras.ops.cast(step, "int32"), self.at)
-        return keras.ops.where(jumped, self.base * self.factor, self.base)
-
-    def get_config(self):
-        return {"base": self.base, "at": self.at, "factor": self.factor}
 
 
 def lr_jump_run(at: int | None, **gw):

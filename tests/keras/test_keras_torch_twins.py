@@ -10,16 +10,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pytest
 
 pytest.importorskip("keras")
-torch = pytest.importorskip("torch")
+pytest.importorskip("torch")
 datasets = pytest.importorskip("sklearn.datasets")
 import keras  # noqa: E402
+import torch  # noqa: E402
+from _keras_helpers import JumpAt  # noqa: E402
 
 import gradwatch  # noqa: E402
 from gradwatch import GradWatch  # noqa: E402
@@ -42,7 +44,7 @@ class Twin:
     classify: bool = False
     seed: int = 0
     init: Callable[[list[np.ndarray]], list[np.ndarray]] | None = None  # edits the initial weights
-    lr_at: dict[int, float] = field(default_factory=dict)  # optimizer step -> LR from there on
+    jump: tuple[int, float] | None = None  # (optimizer step, factor): the LR times factor from there on
 
     def keras_model(self) -> keras.Model:
         keras.utils.set_random_seed(self.seed)
@@ -68,26 +70,10 @@ class Twin:
         return torch.nn.Sequential(*modules)
 
     def schedule(self) -> Any:
-        if not self.lr_at:
-            return self.lr
-        return Steps(self.lr, self.lr_at)
+        return JumpAt(self.lr, *self.jump) if self.jump else self.lr
 
-
-class Steps(keras.optimizers.schedules.LearningRateSchedule):
-    """A piecewise-constant LR: ``base`` until the first step of ``changes``, then each new LR."""
-
-    def __init__(self, base: float, changes: dict[int, float]) -> None:
-        self.base, self.changes = base, dict(changes)
-
-    def __call__(self, step):
-        lr = keras.ops.cast(self.base, "float32")
-        step = keras.ops.cast(step, "int32")
-        for at, value in sorted(self.changes.items()):
-            lr = keras.ops.where(keras.ops.greater_equal(step, at), value, lr)
-        return lr
-
-    def get_config(self):
-        return {"base": self.base, "changes": self.changes}
+    def lr_at(self, step: int) -> float:
+        return self.lr * self.jump[1] if self.jump and step >= self.jump[0] else self.lr
 
 
 def run_keras(twin: Twin, policy: str) -> tuple[Any, list[np.ndarray], float]:
@@ -113,7 +99,7 @@ def run_torch(twin: Twin, initial: list[np.ndarray], policy: str) -> tuple[Any, 
         for _ in range(twin.epochs):
             for start in range(0, len(x), twin.batch):
                 for group in optimizer.param_groups:  # the LR the Keras schedule gives this step
-                    group["lr"] = next((v for at, v in sorted(twin.lr_at.items(), reverse=True) if step >= at), twin.lr)
+                    group["lr"] = twin.lr_at(step)
                 optimizer.zero_grad()
                 loss = loss_fn(model(x[start:start + twin.batch]), y[start:start + twin.batch])
                 loss.backward()
@@ -178,7 +164,7 @@ def test_a_healthy_classifier_with_a_short_last_batch_is_healthy_in_both():
                    "its snapshot holds step 40's jumped update (PyTorch restores step 40's weights)")
 def test_an_lr_jump_is_found_and_rolled_back_at_the_same_step_in_both():
     x, y = diabetes()
-    twin = Twin(x, y, (64, 64, 64), 1, "tanh", lr=0.02, batch=len(x), epochs=60, lr_at={40: 2.0})
+    twin = Twin(x, y, (64, 64, 64), 1, "tanh", lr=0.02, batch=len(x), epochs=60, jump=(40, 100.0))
     k_report, k_final, t_report, t_final = both(twin)
     assert_same(k_report, t_report)
     kinds = [kind for kind, _ in actions(k_report)]
@@ -200,7 +186,6 @@ def test_weights_ten_times_too_large_from_step_0_are_found_in_both():
 
 def test_a_nan_input_is_skipped_at_the_same_step_in_both():
     x, y = digits(320)
-    x = x.copy()
     x[5 * 32 + 3, 10] = np.nan  # one value of batch 5
     twin = Twin(x, y, (32,), 10, "relu", lr=0.1, batch=32, epochs=1, classify=True)
     k_report, _, t_report, _ = both(twin)
