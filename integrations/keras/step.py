@@ -199,8 +199,11 @@ class StepProbe(ProbeReader):
                 size = int(np.prod(v.shape))
                 self.unit_spans[i] = (offset, size)
                 offset += size
-        self.streak_var = keras.Variable(np.zeros(max(offset, 1), dtype=np.float32), dtype="float32",
-                                         trainable=False, name="gradwatch_unit_streaks")
+        # After the units, per followed tensor the longest streak one of its units came back from:
+        # a unit counts as dead only past it (as in the PyTorch adapter).
+        self.longest_at = {i: offset + k for k, i in enumerate(self.unit_spans)}
+        self.streak_var = keras.Variable(np.zeros(max(offset + len(self.unit_spans), 1), dtype=np.float32),
+                                         dtype="float32", trainable=False, name="gradwatch_unit_streaks")
         self.owned = (self.ring_var, self.count_var, self.controls_var, self.streak_var)
         for variable in self.owned:
             self.target._track_variable(variable)
@@ -389,23 +392,31 @@ class StepProbe(ProbeReader):
     def _unit_streaks(self, zeros: dict[int, Any], global_norm: Any, nan: Any) -> tuple[Any, Any]:
         """Each unit's zero-gradient streak after this step (unchanged on a step whose whole
         gradient is zero or non-finite: converged or broken, not evidence about units), and per
-        tensor the share of its units at :data:`UNIT_STREAK` or more (NaN for tensors not followed)."""
+        tensor the share of its dead units (NaN for tensors not followed): a streak of
+        :data:`UNIT_STREAK` or more, and longer than any streak a unit of the same tensor came
+        back from (with batches of a sample or two, a healthy unit is off ten steps in a row
+        every so often)."""
         ops = self.keras.ops
         if not self.unit_spans:
             return None, ops.stack([nan] * self.n)
         old = self.streak_var.value
         counts = global_norm > 0
-        parts, dead = [], [nan] * self.n
+        parts, tails, dead = [], [], [nan] * self.n
         for i, (offset, size) in self.unit_spans.items():
             before = ops.slice(old, [offset], [size])
+            longest = ops.slice(old, [self.longest_at[i]], [1])
             zero = zeros.get(i)
             if zero is None or zero.shape[0] != size:
                 parts.append(before)
+                tails.append(longest)
                 continue
             after = ops.where(counts, (before + 1.0) * zero, before)
+            back = ops.max(before * (1.0 - zero), keepdims=True)
+            longest = ops.where(counts, ops.maximum(longest, back), longest)
             parts.append(after)
-            dead[i] = ops.mean(ops.cast(after >= UNIT_STREAK, "float32"))
-        streaks = ops.concatenate(parts) if len(parts) > 1 else parts[0]
+            tails.append(longest)
+            dead[i] = ops.mean(ops.cast(after >= ops.maximum(longest + 1.0, float(UNIT_STREAK)), "float32"))
+        streaks = ops.concatenate(parts + tails)
         return streaks, ops.stack(dead)
 
     def _write_loss_jax(self, before: Sequence[Any], after: Sequence[Any], loss: Any) -> list[Any]:

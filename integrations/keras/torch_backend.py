@@ -33,7 +33,7 @@ def measure_torch(probe: Any, grads: list[Any], by_index: dict[int, Any]) -> dic
         if cached is None or cached[0] != key:
             cached = (key, *_units_plan(probe, present, by_index, device))
             probe._torch_cache = cached
-        _, index, biases, bias_index, has, sizes, segments, positions = cached
+        _, index, biases, bias_index, has, sizes, segments, positions, longest_positions = cached
         grad_vec = torch.zeros(probe.n, device=device)
         if norms:
             grad_vec[index] = torch.stack(norms)
@@ -51,11 +51,18 @@ def measure_torch(probe: Any, grads: list[Any], by_index: dict[int, Any]) -> dic
             # Each unit's zero-gradient streak, in place (not on a step whose whole gradient is zero
             # or non-finite), and per bias the share of its units at UNIT_STREAK or more:
             # StepProbe._unit_streaks for the PyTorch backend.
+            # A unit is dead past the longest streak a unit of its bias came back from.
             streak = probe.streak_var.value
             before = streak[positions]
-            after = torch.where(global_norm > 0, (before + 1.0) * zero, before)
+            live = global_norm > 0
+            after = torch.where(live, (before + 1.0) * zero, before)
+            back = torch.zeros(len(biases), device=device).index_reduce_(0, segments, before * (1.0 - zero), "amax")
+            longest = streak[longest_positions]
+            longest = torch.where(live, torch.maximum(longest, back), longest)
             streak[positions] = after
-            dead = torch.zeros(len(biases), device=device).index_add_(0, segments, (after >= UNIT_STREAK).float())
+            streak[longest_positions] = longest
+            limit = (longest + 1.0).clamp_min(float(UNIT_STREAK))[segments]
+            dead = torch.zeros(len(biases), device=device).index_add_(0, segments, (after >= limit).float())
             dead_fraction[bias_index] = dead / sizes
         controls = probe.controls_var.value
         rate = probe.target._get_current_learning_rate()
@@ -104,7 +111,9 @@ def _units_plan(probe: Any, present: list[int], by_index: dict[int, Any], device
     sizes = torch.tensor([float(k) for k in numel], device=device)
     segments = torch.repeat_interleave(torch.arange(len(biases), device=device), torch.tensor(numel, device=device))
     spans = [probe.unit_spans.get(i) for i in biases]
-    positions = None
+    positions = longest_positions = None
     if biases and all(span is not None and span[1] == k for span, k in zip(spans, numel)):
         positions = torch.cat([torch.arange(offset, offset + k, device=device) for offset, k in spans])
-    return index, biases, torch.tensor(biases, dtype=torch.long, device=device), has, sizes, segments, positions
+        longest_positions = torch.tensor([probe.longest_at[i] for i in biases], dtype=torch.long, device=device)
+    return (index, biases, torch.tensor(biases, dtype=torch.long, device=device), has, sizes, segments, positions,
+            longest_positions)

@@ -192,6 +192,9 @@ class _Plan:
         self.streak: torch.Tensor | np.ndarray | None = None
         """Per unit (row), measured steps in a row with an exactly-zero gradient (on the device, or
         in numpy with ``host_units``)."""
+        self.longest: torch.Tensor | np.ndarray | None = None
+        """Per row tensor of ``dead_at``, the longest streak one of its units came back from: a
+        unit counts as dead only past it (see :func:`_dead_units`)."""
         self.unit_segments: torch.Tensor | None = None
         """Per unit, the position of its tensor in ``dead_at`` (on the device, built once)."""
         saved: dict[str, list[int]] = tp.__dict__.get("_saved_streaks", {})
@@ -391,48 +394,67 @@ def measure_tensors(
 
 
 def _start_streaks(plan: _Plan) -> list[int]:
-    return [v for part, k in zip(plan.start_streaks, plan.unit_rows) for v in (part if len(part) == k else [0] * k)]
+    return [v for part, k in zip(plan.start_streaks, plan.unit_rows) for v in (part[:k] if len(part) in (k, k + 1) else [0] * k)]
+
+
+def _start_longest(plan: _Plan) -> list[int]:
+    """Per row tensor, the longest streak a unit came back from, as saved (0 when not saved)."""
+    return [part[k] if len(part) == k + 1 else 0 for part, k in zip(plan.start_streaks, plan.unit_rows)]
 
 
 def _host_dead_units(plan: _Plan, rows: np.ndarray) -> np.ndarray:
     """:func:`_dead_units` in numpy, from the row norms that crossed in the transfer (on the CPU)."""
     if not isinstance(plan.streak, np.ndarray) or plan.streak.shape != rows.shape:
         plan.streak = np.array(_start_streaks(plan), dtype=np.int32)
+        plan.longest = np.array(_start_longest(plan), dtype=np.int32)
     if rows.sum() > 0:  # as on the device: a step with no gradient anywhere leaves the streaks alone
+        back = np.where(rows != 0, plan.streak, 0)
+        np.maximum(plan.longest, np.maximum.reduceat(back, plan.unit_starts), out=plan.longest)
         plan.streak += 1
         np.multiply(plan.streak, rows == 0, out=plan.streak)
-    return np.add.reduceat(plan.streak >= UNIT_STREAK, plan.unit_starts, dtype=np.float64)
+    limit = np.repeat(np.maximum(plan.longest + 1, UNIT_STREAK), plan.unit_rows)
+    return np.add.reduceat(plan.streak >= limit, plan.unit_starts, dtype=np.float64)
 
 
 def _dead_units(plan: _Plan, units: list[torch.Tensor], device: torch.device) -> torch.Tensor:
     """Advance every unit's zero-gradient streak by this step's row norms (on the device, no sync)
-    and count, per row tensor, the units whose streak reached :data:`UNIT_STREAK`."""
+    and count, per row tensor, the units that are dead: a streak of :data:`UNIT_STREAK` or more,
+    and longer than any streak a unit of the same tensor came back from (with batches of a sample
+    or two, a healthy ReLU unit that fires on a tenth of the samples is off ten steps in a row
+    every so often; one that never comes back outlasts them all)."""
     rows = torch.cat([_to(u, device) for u in units])
     if (not isinstance(plan.streak, torch.Tensor) or plan.streak.shape != rows.shape
             or plan.streak.device != rows.device):
         plan.streak = torch.tensor(_start_streaks(plan), dtype=torch.int32, device=rows.device)
+        plan.longest = torch.tensor(_start_longest(plan), dtype=torch.int32, device=rows.device)
         plan.unit_segments = torch.repeat_interleave(torch.arange(len(plan.dead_at), device=rows.device),
                                                      torch.tensor(plan.unit_rows, device=rows.device))
     # A step with no gradient anywhere in these tensors (a batch fitted to zero loss) says nothing
     # about units: the streaks stay as they are (so does a non-finite step: its sum is NaN).
     live = rows.sum() > 0
-    plan.streak = torch.where(live, torch.where(rows == 0, plan.streak + 1, 0), plan.streak)
-    dead = (plan.streak >= UNIT_STREAK).float()
+    zero = rows == 0
+    back = torch.where(live & ~zero, plan.streak, 0)
+    plan.longest = plan.longest.scatter_reduce(0, plan.unit_segments, back, "amax")  # type: ignore[arg-type]
+    plan.streak = torch.where(live, torch.where(zero, plan.streak + 1, 0), plan.streak)
+    limit = (plan.longest + 1).clamp_min(UNIT_STREAK)[plan.unit_segments]
+    dead = (plan.streak >= limit).float()
     counts = torch.zeros(len(plan.dead_at), device=rows.device)
     return counts.index_add_(0, plan.unit_segments, dead)  # type: ignore[arg-type]
 
 
 def unit_streaks(tp: TorchParams) -> dict[str, list[int]]:
-    """Every followed unit's zero-gradient streak, by parameter name (for a state dict: a
-    resumed run continues the same counts)."""
+    """Every followed unit's zero-gradient streak, by parameter name, then the longest streak a
+    unit of that tensor came back from (for a state dict: a resumed run continues the same
+    counts)."""
     out: dict[str, list[int]] = dict(tp.__dict__.get("_saved_streaks", {}))
     for plan in tp.__dict__.get("_plans", {}).values():
         if plan.streak is None:
             continue
         values = plan.streak.tolist() if isinstance(plan.streak, np.ndarray) else plan.streak.cpu().tolist()
+        longest = plan.longest.tolist() if isinstance(plan.longest, np.ndarray) else plan.longest.cpu().tolist()
         at = 0
-        for i, k in zip(plan.dead_at, plan.unit_rows):
-            out[tp.layout.names[i]] = values[at:at + k]
+        for j, (i, k) in enumerate(zip(plan.dead_at, plan.unit_rows)):
+            out[tp.layout.names[i]] = values[at:at + k] + [int(longest[j])]
             at += k
     return out
 

@@ -162,6 +162,28 @@ def test_units_are_followed_one_by_one_so_batches_of_one_sample_do_not_make_idle
     assert late.dead_fraction[biases[0]] < 0.5 <= max(s.zero_fraction[biases[0]] for s in steps[-20:])
 
 
+def test_a_unit_that_comes_back_after_a_long_streak_raises_the_bar_for_its_layer():
+    """The run of tests/torch (test_torch_building_blocks.py), in Keras: batches of one sample, two
+    ReLU units fire on one sample in twelve, two never do, one always does. Once the rare units came
+    back from a streak of eleven, only units off for longer count as dead: 2 of 5."""
+    from gradwatch.stats import UNIT_STREAK
+
+    x = np.array([[1.0 if t % 12 == 11 else 0.2] for t in range(48)], dtype="float32")
+    y = np.full((48, 1), 5.0, dtype="float32")
+    model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(5, activation="relu", name="hidden"),
+                              keras.layers.Dense(1, kernel_initializer="ones", name="head")])
+    model.layers[0].set_weights([np.array([[1.0, 1.0, 0.0, 0.0, 0.0]], dtype="float32"),
+                                 np.array([-0.5, -0.5, -50.0, -50.0, 1.0], dtype="float32")])
+    report, steps, _ = watch_fit(model, x, y, optimizer=keras.optimizers.SGD(0.0), loss="mse", batch_size=1,
+                                 shuffle=False)
+    bias = steps[0].layout.names.index(next(n for n in steps[0].layout.names if "hidden" in n and "bias" in n))
+    dead = [s.dead_fraction[bias] for s in steps]
+    assert len(dead) == 48
+    assert dead[UNIT_STREAK - 1] == pytest.approx(4 / 5)
+    assert dead[11] == pytest.approx(2 / 5)
+    assert max(dead[12:]) == pytest.approx(2 / 5) and min(dead[12:]) == pytest.approx(2 / 5)
+
+
 # -- healthy models stay silent -----------------------------------------------------------------
 
 

@@ -347,3 +347,34 @@ def test_unit_streaks_in_numpy_and_on_the_device_agree(monkeypatch):
     assert host[0][UNIT_STREAK - 1][first] == 0.0  # the zero step did not count
     assert host[0][UNIT_STREAK][first] >= 6 / 16
     assert host[2][0][first] >= 6 / 16  # the resumed run remembers
+
+
+@pytest.mark.parametrize("host", [True, False])
+def test_a_unit_that_comes_back_after_a_long_streak_raises_the_bar_for_its_layer(monkeypatch, host):
+    """Batches of one sample: two ReLU units fire on one sample in twelve (off eleven steps in a
+    row, then back), two never fire (bias -50), one always does. Once the rare units have come back
+    from a streak of eleven, only units off for longer count as dead: 2 of 5, not 4 of 5."""
+    import importlib
+
+    from gradwatch.stats import UNIT_STREAK
+
+    measure_module = importlib.import_module("gradwatch.integrations.torch.measure")
+    monkeypatch.setattr(measure_module, "HOST_UNITS", host)
+    model = nn.Sequential(nn.Linear(1, 5), nn.ReLU(), nn.Linear(5, 1))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([[1.0], [1.0], [0.0], [0.0], [0.0]]))
+        model[0].bias.copy_(torch.tensor([-0.5, -0.5, -50.0, -50.0, 1.0]))
+        model[2].weight.fill_(1.0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    tp = build_layout(model, opt)
+    hidden = tp.layout.names.index("0.weight")
+    dead = []
+    for step in range(48):
+        opt.zero_grad()
+        x = torch.tensor([[1.0 if step % 12 == 11 else 0.2]])
+        nn.functional.mse_loss(model(x), torch.full((1, 1), 5.0)).backward()
+        dead.append(measure(tp, step=step).dead_fraction[hidden])
+        opt.step()
+    assert dead[UNIT_STREAK - 1] == pytest.approx(4 / 5)  # before any unit came back: 4 of 5 off for 10 steps
+    assert dead[11] == pytest.approx(2 / 5)  # the rare units fire
+    assert max(dead[12:]) == pytest.approx(2 / 5) and min(dead[12:]) == pytest.approx(2 / 5)
