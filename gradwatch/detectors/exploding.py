@@ -24,6 +24,9 @@ Rules, each a finding of kind ``exploding`` whose evidence names the ``rule``:
    one of the first seven (batches of a sample or two swing that far on their own, but not all seven
    in a row, since a batch the model fits scores near 0). Training lowers the loss: a
    run whose loss climbs far above where it started is broken whatever its gradients look like.
+   Where the adapter knows what a model that knows nothing scores (``chance_loss``, or
+   ``null_loss`` for a squared error), the rise is measured from that level when it is above the
+   start: seven batches of one sample may all be ones the init happens to fit.
    With a chance level known, the same holds for a run that had learnt (the median of seven losses
    below ``SETTLED_LOW`` of chance) and then scores more than ``RECOVER`` times chance on every one
    of the last seven batches: worse than a model that knows nothing (an LR jumped mid-run; the rise
@@ -468,19 +471,27 @@ def _judge_loss(stats: StepStats, state: ExplodingState, findings: list[Finding]
                       ("chance_loss" if known else "null_loss"): reference,
                       "clip_threshold": math.inf, "remedy": "report"},
         ))
-    elif (len(losses) == LOSS_WINDOW and math.isfinite(start) and start > 0 and min(losses) > loss_rise * start
-          and level > first_max):
+    elif (len(losses) == LOSS_WINDOW and math.isfinite(start) and start > 0
+          and min(losses) > loss_rise * max(start, reference) and level > first_max):
         # Every one of the last losses above the rise, and their median above every one of the
         # first losses: the loss of a batch of one or two samples swings by orders of magnitude
         # (and down to nearly 0 on a batch it fits), so a median that wanders up is noise; a
-        # divergence lifts every batch's loss.
+        # divergence lifts every batch's loss. The rise is measured from the start or from what a
+        # model that knows nothing scores, whichever is higher: seven batches of one sample each
+        # may all be ones the init happens to fit (a start at 0.08 where the mean squared target
+        # is 1.1), and a run that then scores about the null level has not diverged.
+        base = max(start, reference)
+        what = (f"where the run started ({start:.4g})" if base == start else
+                f"what {'a model that knows nothing' if known else 'a model that outputs zeros'} scores "
+                f"({base:.3g}; the run started at {start:.4g})")
         findings.append(_finding(
-            "error" if level > 10 * loss_rise * start else "warning", stats, (),
+            "error" if level > 10 * loss_rise * base else "warning", stats, (),
             message=(
-                f"The loss rose to {level:.4g}, {level / start:.3g}x where the run started ({start:.4g}): "
+                f"The loss rose to {level:.4g}, {level / base:.3g}x {what}: "
                 "the steps are too large and the run diverges. Lower the learning rate."
             ),
             evidence={"rule": "loss_rise", "loss": level, "start_loss": start,
+                      **({"chance_loss" if known else "null_loss": reference} if reference > 0 else {}),
                       "clip_threshold": math.inf, "remedy": "lr"},
         ))
     elif (learnt and known and len(losses) == LOSS_WINDOW and min(losses) > RECOVER * chance

@@ -20,10 +20,10 @@ its recent losses every few dozen steps (a fitted classifier at 0.003 meets a sa
 wrong at 5), and a single misfit sample lifts a batch of 64 at 0.001 to 0.06. So a spike is a
 ``warning`` at once only when it is ``warn_ratio`` times both the largest recent loss and the
 largest of the run's first ``warmup`` losses (worse, by that much, than the untrained model did
-on any batch: corrupt data, targets on the wrong scale); otherwise it is ``info``, and it becomes
-a ``warning`` on the next step if that loss is still ``max_ratio`` times the largest recent one
-(the run did not shrug it off). What a spike does to training shows in the gradients
-(``exploding``), which is where the remedies come from. Spikes are kept out of the window, so one
+on any batch: corrupt data, targets on the wrong scale); otherwise it is ``info``. A run that does
+not shrug a spike off shows it in the gradients and in a loss that stays up (``exploding``), which
+is where the remedies come from. (Two misfit samples in a row at a batch of one, or an LR warm-up
+that overshoots for a step, are common in healthy runs.) Spikes are kept out of the window, so one
 outlier does not hide the next.
 Non-finite losses are the ``nonfinite`` detector's business.
 
@@ -57,11 +57,6 @@ class LossSpikeState(NamedTuple):
     """The median of the first ``warmup`` losses: the scale the run started from."""
     first_max: float = math.nan
     """The largest of the first ``warmup`` losses."""
-    pending: int = -1
-    """The step of an ``info`` spike whose next loss decides whether the run shrugged it off (-1: none)."""
-    pending_loss: float = math.nan
-    held: bool = False
-    """The loss stayed high after a spike and that was said: no more until an ordinary loss."""
 
 
 def loss_spike(
@@ -86,9 +81,7 @@ def loss_spike(
         min_share: ... and jump by at least this share of the run's starting loss.
             Defaults to 0.01.
         warn_ratio: A spike this many times the largest recent loss and the largest of the run's
-            first ``warmup`` losses is a ``warning`` at once; other spikes are ``info``, and a
-            ``warning`` on the next step if the loss stays ``max_ratio`` times the largest recent
-            one. Defaults to 10.0.
+            first ``warmup`` losses is a ``warning``; other spikes are ``info``. Defaults to 10.0.
 
     Returns:
         The detector.
@@ -126,7 +119,6 @@ def loss_spike(
             return [], state
         findings: list[Finding] = []
         spike = False
-        pending, pending_loss, held = -1, math.nan, state.held
         if state.seen >= warmup:
             recent = state.recent[np.isfinite(state.recent)]
             center = median(recent)
@@ -141,25 +133,11 @@ def loss_spike(
             )
             evidence = {"loss": loss, "median_loss": center, "max_recent_loss": largest,
                         "robust_std": spread, "start_loss": state.start, "first_max_loss": state.first_max}
-            if state.pending >= 0 and loss > max_ratio * largest:
-                findings.append(Finding(
-                    kind="loss_spike", severity="warning", step=stats.step, layers=(),
-                    message=(
-                        f"The loss stayed high after the spike at step {state.pending} "
-                        f"({state.pending_loss:.4g}): now {loss:.4g}, "
-                        + (f"{loss / largest:.3g}x the largest of the last {len(recent)} losses before it. "
-                           if largest > 0 else f"after {len(recent)} losses of exactly 0. ")
-                        + "Look at the batches since (bad labels or outliers) and at the gradient findings "
-                        "around them."
-                    ),
-                    evidence={**evidence, "spike_step": state.pending, "spike_loss": state.pending_loss},
-                ))
-                held = True
-            elif spike:
-                at_once = loss >= warn_ratio * largest and loss >= warn_ratio * state.first_max
+            if spike:
+                severe = loss >= warn_ratio * largest and loss >= warn_ratio * state.first_max
                 findings.append(Finding(
                     kind="loss_spike",
-                    severity="warning" if at_once else "info",
+                    severity="warning" if severe else "info",
                     step=stats.step,
                     layers=(),
                     message=(
@@ -167,18 +145,15 @@ def loss_spike(
                          f"losses (median {center:.4g})." if largest > 0 else
                          f"Loss {loss:.4g} after {len(recent)} losses of exactly 0.")
                         + (" Look at this step's batch (bad labels or outliers) and at the gradient findings "
-                           "around it." if at_once else
+                           "around it." if severe else
                            f" Below {warn_ratio:g}x the largest of the run's first losses ({state.first_max:.4g}): "
-                           "one sample the model gets wrong lifts a small batch this far; a warning if the "
-                           "next loss stays high.")
+                           "one sample the model gets wrong lifts a small batch this far; what it does to "
+                           "training shows in the gradients.")
                     ),
                     evidence=evidence,
                 ))
-                if not at_once and state.pending < 0 and not held:
-                    pending, pending_loss = stats.step, loss
         if spike:
-            return findings, state._replace(seen=state.seen + 1, pending=pending, pending_loss=pending_loss,
-                                            held=held)
+            return findings, state._replace(seen=state.seen + 1)
         recent_ring, cursor = push(state.recent, state.cursor, loss)
         start, first_max = state.start, state.first_max
         if state.seen < warmup:  # the scale the run starts from: the median of its first losses
