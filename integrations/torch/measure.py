@@ -300,14 +300,17 @@ def measure_tensors(
             scalars += torch._foreach_norm(rows, 0)
             units += rows
             del rows
+        others: list[torch.Tensor] = []  # the norms of the gradients that are not row tensors
         if plan.flat_single:
             flat = [grads[i] for i in plan.flat_single]
-            scalars += _norms(flat) if plan.low_flat else torch._foreach_norm(flat)  # type: ignore[arg-type]
+            others += _norms(flat) if plan.low_flat else torch._foreach_norm(flat)  # type: ignore[arg-type]
+            scalars += others
             del flat
         for i in plan.sparse_idx:
             values = grads[i].coalesce().values()  # type: ignore[union-attr]
             kwargs = {"dtype": torch.float32} if values.dtype in LOW_PRECISION else {}
             scalars.append(torch.linalg.vector_norm(values, **kwargs))
+            others.append(scalars[-1])
         if fresh_params and plan.param_single:
             weights = [params[i] for i in plan.param_single]  # under no_grad: no detach needed
             scalars += _norms(weights) if plan.low_params else torch._foreach_norm(weights)
@@ -326,9 +329,11 @@ def measure_tensors(
             units.append(row_norms.reshape(-1))
         for group in plan.flat_groups:
             vectors.append(_stacked_norms([grads[i] for i in group]))  # type: ignore[misc]
+            others.append(vectors[-1])
         if units:
             vectors.append(torch.cat([u.reshape(-1) for u in units]) if plan.host_units
-                           else _dead_units(plan, units, device))
+                           else _dead_units(plan, units, device, others))
+        del others
         del units
         if fresh_params:
             vectors += [_stacked_norms([params[i] for i in group]) for group in plan.param_groups]
@@ -349,7 +354,8 @@ def measure_tensors(
     values = host[n_fixed:n_fixed + n_tail].tolist()
     dead_fraction = np.full(n, np.nan)
     if len(plan.dead_at):
-        dead = _host_dead_units(plan, host[at_dead]) if plan.host_units else host[at_dead]
+        dead = (_host_dead_units(plan, host[at_dead], float(np.sum(grad_norm[plan.present_at])))
+                if plan.host_units else host[at_dead])
         dead_fraction[plan.dead_at] = dead / plan.dead_rows
     loss_value: float | None = None
     if tensor_loss:
@@ -402,12 +408,13 @@ def _start_longest(plan: _Plan) -> list[int]:
     return [part[k] if len(part) == k + 1 else 0 for part, k in zip(plan.start_streaks, plan.unit_rows)]
 
 
-def _host_dead_units(plan: _Plan, rows: np.ndarray) -> np.ndarray:
-    """:func:`_dead_units` in numpy, from the row norms that crossed in the transfer (on the CPU)."""
+def _host_dead_units(plan: _Plan, rows: np.ndarray, total: float) -> np.ndarray:
+    """:func:`_dead_units` in numpy, from the row norms that crossed in the transfer (on the CPU);
+    ``total``: the sum of every gradient's norm."""
     if not isinstance(plan.streak, np.ndarray) or plan.streak.shape != rows.shape:
         plan.streak = np.array(_start_streaks(plan), dtype=np.int32)
         plan.longest = np.array(_start_longest(plan), dtype=np.int32)
-    if rows.sum() > 0:  # as on the device: a step with no gradient anywhere leaves the streaks alone
+    if total > 0:  # as on the device: a step with no gradient anywhere leaves the streaks alone
         back = np.where(rows != 0, plan.streak, 0)
         np.maximum(plan.longest, np.maximum.reduceat(back, plan.unit_starts), out=plan.longest)
         plan.streak += 1
@@ -416,7 +423,8 @@ def _host_dead_units(plan: _Plan, rows: np.ndarray) -> np.ndarray:
     return np.add.reduceat(plan.streak >= limit, plan.unit_starts, dtype=np.float64)
 
 
-def _dead_units(plan: _Plan, units: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+def _dead_units(plan: _Plan, units: list[torch.Tensor], device: torch.device,
+                others: list[torch.Tensor]) -> torch.Tensor:
     """Advance every unit's zero-gradient streak by this step's row norms (on the device, no sync)
     and count, per row tensor, the units that are dead: a streak of :data:`UNIT_STREAK` or more,
     and longer than any streak a unit of the same tensor came back from (with batches of a sample
@@ -429,9 +437,12 @@ def _dead_units(plan: _Plan, units: list[torch.Tensor], device: torch.device) ->
         plan.longest = torch.tensor(_start_longest(plan), dtype=torch.int32, device=rows.device)
         plan.unit_segments = torch.repeat_interleave(torch.arange(len(plan.dead_at), device=rows.device),
                                                      torch.tensor(plan.unit_rows, device=rows.device))
-    # A step with no gradient anywhere in these tensors (a batch fitted to zero loss) says nothing
-    # about units: the streaks stay as they are (so does a non-finite step: its sum is NaN).
-    live = rows.sum() > 0
+    # A step with no gradient anywhere (a batch fitted to zero loss) says nothing about units: the
+    # streaks stay as they are (so does a non-finite step: its sum is NaN). Anywhere, not only in
+    # the row tensors: when a whole layer is dead, every weight before and after it gets zero
+    # gradient too, and only the output bias still learns (as in Keras: the global norm).
+    pieces = [rows] + [_to(o, rows.device).reshape(-1) for o in others]
+    live = torch.cat(pieces).sum() > 0 if len(pieces) > 1 else rows.sum() > 0
     zero = rows == 0
     back = torch.where(live & ~zero, plan.streak, 0)
     plan.longest = plan.longest.scatter_reduce(0, plan.unit_segments, back, "amax")  # type: ignore[arg-type]
