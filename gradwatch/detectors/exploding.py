@@ -14,7 +14,10 @@ Rules, each a finding of kind ``exploding`` whose evidence names the ``rule``:
 2. **Sustained growth** (``error``): over the last ``window`` steps (``2 * window`` for a slower
    divergence, at ``growth_factor ** 1.25``) the norm rose by ``growth_factor``, measured from the
    median of its first three steps to the smaller of the two newest (so one noisy step proves nothing),
-   with most step-to-step changes up and the newest the largest. Judged from the fourth finite
+   with most step-to-step changes up and the newest the largest; past the first ``window`` steps,
+   the two newest the largest of the span (with batches of a sample or two, fitted samples give
+   norms orders of magnitude below an unfitted one's, and a median of three of them is no level to
+   grow from). Judged from the fourth finite
    step on: a run that diverges from step 0 is caught too.
 3. **An explosion that ends in NaN** (``error``): the first non-finite step after finite norms
    that grew ``nan_growth`` times over the recent steps, or after a gradient larger than the
@@ -639,7 +642,8 @@ def _sustained_growth(history: np.ndarray, window: int, log_factor: float) -> in
     growth, or 0: ``factor`` over the last ``window`` steps (judged from the fourth step on), or
     ``factor ** 1.25`` over ``2 * window`` steps (a slower divergence, e.g. 1.4x per step), each
     measured from the median of its first three steps to the smaller of the two newest, with most
-    step-to-step changes up and the newest value the largest."""
+    step-to-step changes up and the newest value the largest (the two newest, once ``window`` steps
+    are in ``history``)."""
     for span, needed in ((window, log_factor), (2 * window, 1.25 * log_factor)):
         part = history[-span:]
         if len(part) < 4 or (span > window and len(part) < span):
@@ -649,7 +653,14 @@ def _sustained_growth(history: np.ndarray, window: int, log_factor: float) -> in
         if not rise > needed:
             continue
         ups = np.count_nonzero(np.diff(part) > 0) / (len(part) - 1)
-        if ups >= 0.6 and part[-1] >= part.max():
+        # Still rising: once the run has a window of history, the two newest are the largest of
+        # the span. Batches of a sample or two the model already fits give norms spread over
+        # orders of magnitude, so that the median of any three is far below a norm an unfitted
+        # sample gave a few steps before; a divergence has left its earlier norms behind. In the
+        # first steps nothing is fitted yet, and a norm up a millionfold from step 0 that dips on
+        # the way is still a divergence.
+        left_behind = len(part) < window or part[-2] >= part[:-2].max()
+        if ups >= 0.6 and part[-1] >= part.max() and left_behind:
             return len(part)
     return 0
 
