@@ -411,16 +411,18 @@ def _start_longest(plan: _Plan) -> list[int]:
 def _host_dead_units(plan: _Plan, rows: np.ndarray, total: float) -> np.ndarray:
     """:func:`_dead_units` in numpy, from the row norms that crossed in the transfer (on the CPU);
     ``total``: the sum of every gradient's norm."""
-    if not isinstance(plan.streak, np.ndarray) or plan.streak.shape != rows.shape:
+    if (not isinstance(plan.streak, np.ndarray) or plan.streak.shape != rows.shape
+            or not isinstance(plan.longest, np.ndarray)):
         plan.streak = np.array(_start_streaks(plan), dtype=np.int32)
         plan.longest = np.array(_start_longest(plan), dtype=np.int32)
+    streak, longest = plan.streak, plan.longest
     if total > 0:  # as on the device: a step with no gradient anywhere leaves the streaks alone
-        back = np.where(rows != 0, plan.streak, 0)
-        np.maximum(plan.longest, np.maximum.reduceat(back, plan.unit_starts), out=plan.longest)
-        plan.streak += 1
-        np.multiply(plan.streak, rows == 0, out=plan.streak)
-    limit = np.repeat(np.maximum(plan.longest + 1, UNIT_STREAK), plan.unit_rows)
-    return np.add.reduceat(plan.streak >= limit, plan.unit_starts, dtype=np.float64)
+        back = np.where(rows != 0, streak, 0)
+        np.maximum(longest, np.maximum.reduceat(back, plan.unit_starts), out=longest)
+        streak += 1
+        np.multiply(streak, rows == 0, out=streak)
+    limit = np.repeat(np.maximum(longest + 1, UNIT_STREAK), plan.unit_rows)
+    return np.add.reduceat(streak >= limit, plan.unit_starts, dtype=np.float64)
 
 
 def _dead_units(plan: _Plan, units: list[torch.Tensor], device: torch.device,
@@ -432,7 +434,7 @@ def _dead_units(plan: _Plan, units: list[torch.Tensor], device: torch.device,
     every so often; one that never comes back outlasts them all)."""
     rows = torch.cat([_to(u, device) for u in units])
     if (not isinstance(plan.streak, torch.Tensor) or plan.streak.shape != rows.shape
-            or plan.streak.device != rows.device):
+            or plan.streak.device != rows.device or not isinstance(plan.longest, torch.Tensor)):
         plan.streak = torch.tensor(_start_streaks(plan), dtype=torch.int32, device=rows.device)
         plan.longest = torch.tensor(_start_longest(plan), dtype=torch.int32, device=rows.device)
         plan.unit_segments = torch.repeat_interleave(torch.arange(len(plan.dead_at), device=rows.device),
@@ -444,11 +446,14 @@ def _dead_units(plan: _Plan, units: list[torch.Tensor], device: torch.device,
     pieces = [rows] + [_to(o, rows.device).reshape(-1) for o in others]
     live = torch.cat(pieces).sum() > 0 if len(pieces) > 1 else rows.sum() > 0
     zero = rows == 0
-    back = torch.where(live & ~zero, plan.streak, 0)
-    plan.longest = plan.longest.scatter_reduce(0, plan.unit_segments, back, "amax")  # type: ignore[arg-type]
-    plan.streak = torch.where(live, torch.where(zero, plan.streak + 1, 0), plan.streak)
-    limit = (plan.longest + 1).clamp_min(UNIT_STREAK)[plan.unit_segments]
-    dead = (plan.streak >= limit).float()
+    streak, longest = plan.streak, plan.longest
+    assert isinstance(streak, torch.Tensor) and isinstance(longest, torch.Tensor)
+    back = torch.where(live & ~zero, streak, 0)
+    longest = longest.scatter_reduce(0, plan.unit_segments, back, "amax")  # type: ignore[arg-type]
+    streak = torch.where(live, torch.where(zero, streak + 1, 0), streak)
+    plan.longest, plan.streak = longest, streak
+    limit = (longest + 1).clamp_min(UNIT_STREAK)[plan.unit_segments]
+    dead = (streak >= limit).float()
     counts = torch.zeros(len(plan.dead_at), device=rows.device)
     return counts.index_add_(0, plan.unit_segments, dead)  # type: ignore[arg-type]
 
