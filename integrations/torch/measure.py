@@ -411,11 +411,10 @@ def _start_longest(plan: _Plan) -> list[int]:
 def _host_dead_units(plan: _Plan, rows: np.ndarray, total: float) -> np.ndarray:
     """:func:`_dead_units` in numpy, from the row norms that crossed in the transfer (on the CPU);
     ``total``: the sum of every gradient's norm."""
-    if (not isinstance(plan.streak, np.ndarray) or plan.streak.shape != rows.shape
-            or not isinstance(plan.longest, np.ndarray)):
-        plan.streak = np.array(_start_streaks(plan), dtype=np.int32)
-        plan.longest = np.array(_start_longest(plan), dtype=np.int32)
     streak, longest = plan.streak, plan.longest
+    if not isinstance(streak, np.ndarray) or streak.shape != rows.shape or not isinstance(longest, np.ndarray):
+        streak = plan.streak = np.array(_start_streaks(plan), dtype=np.int32)
+        longest = plan.longest = np.array(_start_longest(plan), dtype=np.int32)
     if total > 0:  # as on the device: a step with no gradient anywhere leaves the streaks alone
         back = np.where(rows != 0, streak, 0)
         np.maximum(longest, np.maximum.reduceat(back, plan.unit_starts), out=longest)
@@ -433,10 +432,11 @@ def _dead_units(plan: _Plan, units: list[torch.Tensor], device: torch.device,
     or two, a healthy ReLU unit that fires on a tenth of the samples is off ten steps in a row
     every so often; one that never comes back outlasts them all)."""
     rows = torch.cat([_to(u, device) for u in units])
-    if (not isinstance(plan.streak, torch.Tensor) or plan.streak.shape != rows.shape
-            or plan.streak.device != rows.device or not isinstance(plan.longest, torch.Tensor)):
-        plan.streak = torch.tensor(_start_streaks(plan), dtype=torch.int32, device=rows.device)
-        plan.longest = torch.tensor(_start_longest(plan), dtype=torch.int32, device=rows.device)
+    streak, longest = plan.streak, plan.longest
+    if (not isinstance(streak, torch.Tensor) or streak.shape != rows.shape or streak.device != rows.device
+            or not isinstance(longest, torch.Tensor)):
+        streak = plan.streak = torch.tensor(_start_streaks(plan), dtype=torch.int32, device=rows.device)
+        longest = plan.longest = torch.tensor(_start_longest(plan), dtype=torch.int32, device=rows.device)
         plan.unit_segments = torch.repeat_interleave(torch.arange(len(plan.dead_at), device=rows.device),
                                                      torch.tensor(plan.unit_rows, device=rows.device))
     # A step with no gradient anywhere (a batch fitted to zero loss) says nothing about units: the
@@ -446,8 +446,6 @@ def _dead_units(plan: _Plan, units: list[torch.Tensor], device: torch.device,
     pieces = [rows] + [_to(o, rows.device).reshape(-1) for o in others]
     live = torch.cat(pieces).sum() > 0 if len(pieces) > 1 else rows.sum() > 0
     zero = rows == 0
-    streak, longest = plan.streak, plan.longest
-    assert isinstance(streak, torch.Tensor) and isinstance(longest, torch.Tensor)
     back = torch.where(live & ~zero, streak, 0)
     longest = longest.scatter_reduce(0, plan.unit_segments, back, "amax")  # type: ignore[arg-type]
     streak = torch.where(live, torch.where(zero, streak + 1, 0), streak)

@@ -173,12 +173,13 @@ def test_exploding_catches_a_slow_divergence():
 # -- what a small batch, an adaptive optimizer's first step and a fitted run look like -------------
 
 
-def _stats(step, layout, *, loss=None, weights=None, zero=None, dead=None):
+def _stats(step, layout, *, loss=None, weights=None, zero=None, dead=None, norm=None):
     from gradwatch import StepStats
 
     n = len(layout)
     param = None if weights is None else np.full(n, weights / np.sqrt(n))
-    return StepStats(step=step, layout=layout, grad_norm=np.full(n, 0.1), param_norm=param, loss=loss,
+    grads = np.full(n, 0.1) if norm is None else np.full(n, norm / np.sqrt(n))
+    return StepStats(step=step, layout=layout, grad_norm=grads, param_norm=param, loss=loss,
                      zero_fraction=None if zero is None else np.full(n, zero),
                      dead_fraction=None if dead is None else np.full(n, dead))
 
@@ -418,23 +419,10 @@ def test_exploding_first_losses_against_the_null_level_of_a_regression(losses, n
         assert found[0].evidence["null_loss"] == 1.0 and "outputs zeros" in found[0].message
 
 
-def _norm_stats(step, layout, norm, loss):
-    from gradwatch import StepStats
-
-    n = len(layout)
-    return StepStats(step=step, layout=layout, grad_norm=np.full(n, norm / np.sqrt(n)), loss=loss)
-
-
 def _growth_steps(norms, losses):
-    layout = testing.make_layout(3)
-    det = detectors.exploding()
-    state = det.init(layout)
-    steps = []
-    for step, (norm, loss) in enumerate(zip(norms, losses)):
-        found, state = det.update(_norm_stats(step, layout, norm, loss), state)
-        steps += [f.step for f in found if f.evidence["rule"] == "growth"]
-    return steps
-
+    found = _feed(detectors.exploding(), testing.make_layout(3),
+                  [{"norm": norm, "loss": loss} for norm, loss in zip(norms, losses)])
+    return [f.step for f in found if f.evidence["rule"] == "growth"]
 
 def test_exploding_growth_is_not_called_on_a_fitted_run_s_single_sample_batches():
     # Batches of one sample on a run that fits nearly all of them: norms of 1e-8..1e-2, and every
